@@ -1,0 +1,110 @@
+"""Gradient transforms over lists of tensors, and `chain`, which composes them.
+
+A transform turns a list of updates (at first, the gradients) into a new list, reading its
+hyperparameters from the param group and keeping per-parameter state as tensors. Transforms work on
+whole lists so every one of them can use `torch._foreach_*` kernels.
+
+Contract of a transform:
+- ``hyperparameters``: the param-group keys it reads, with their defaults. Because they live in the
+  param group, LR schedulers (and trainlab schedules) can change them between steps.
+- ``init(param, group)``: the per-parameter state, a dict of tensors (created the first time the
+  parameter has a gradient).
+- ``update(updates, state, params, group)``: ``state`` maps each state key to the list of that key's
+  tensors, one per parameter, in the order of ``params``. It returns ``(updates, state)``; state tensors
+  may be updated in place or replaced by new tensors in the returned dict.
+- It must never write into the tensors of its input ``updates`` unless it created them itself: the first
+  transform of a chain receives the parameters' ``.grad`` tensors, which belong to the user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+State = dict[str, list[Tensor]]
+
+
+class GradientTransform:
+    """Base class of all transforms: stateless identity unless overridden."""
+
+    name: ClassVar[str] = "transform"
+    hyperparameters: ClassVar[Mapping[str, Any]] = {}
+
+    def all_hyperparameters(self) -> dict[str, Any]:
+        """The param-group keys this transform (and any transform inside it) reads, with defaults."""
+        return dict(self.hyperparameters)
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        return updates, state
+
+
+class Chain(GradientTransform):
+    """Apply transforms one after another; each keeps its state under its own key prefix."""
+
+    name = "chain"
+
+    def __init__(self, *transforms: GradientTransform) -> None:
+        if not transforms:
+            raise ValueError("chain needs at least one transform")
+        for t in transforms:
+            if not isinstance(t, GradientTransform):
+                raise TypeError(f"chain takes GradientTransform instances, got {type(t).__name__}")
+        self.transforms = transforms
+        names = [t.name for t in transforms]
+        # Readable state keys ("scale_by_adam.exp_avg"); the position disambiguates repeated transforms.
+        self.prefixes = [f"{n}." if names.count(n) == 1 else f"{i}.{n}." for i, n in enumerate(names)]
+
+    def all_hyperparameters(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for t in self.transforms:
+            for key, default in t.all_hyperparameters().items():
+                if key in merged and merged[key] != default:
+                    raise ValueError(
+                        f"transforms in one chain disagree on the default of {key!r}: "
+                        f"{merged[key]!r} vs {default!r}; give the chain an explicit value"
+                    )
+                merged[key] = default
+        return merged
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        state: dict[str, Tensor] = {}
+        for prefix, t in zip(self.prefixes, self.transforms, strict=True):
+            state.update({prefix + k: v for k, v in t.init(param, group).items()})
+        return state
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        for prefix, t in zip(self.prefixes, self.transforms, strict=True):
+            n = len(prefix)
+            own = {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
+            updates, own = t.update(updates, own, params, group)
+            state.update({prefix + k: v for k, v in own.items()})
+        return updates, state
+
+
+def chain(*transforms: GradientTransform) -> Chain:
+    """Compose transforms left to right, as optax.chain does."""
+    return Chain(*transforms)
+
+
+def step_counts(state: State, key: str = "step") -> list[float]:
+    """Increment the per-parameter step tensors under ``key`` and return their new values.
+
+    Step counters live on the CPU (as in torch.optim), so reading them is not a device sync.
+    """
+    steps = state[key]
+    torch._foreach_add_(steps, 1)
+    return [s.item() for s in steps]
+
+
+def new_step_counter() -> Tensor:
+    return torch.zeros((), dtype=torch.float32)

@@ -1,0 +1,21 @@
+"""Reusable gradient transforms. Each paper's optimizer is a short chain of these."""
+
+from trainlab.optim.transforms.adam import ScaleByAdam, scale_by_adam
+from trainlab.optim.transforms.momentum import TraceMomentum, trace_momentum
+from trainlab.optim.transforms.weight_decay import (
+    AddWeightDecay,
+    DecoupledWeightDecay,
+    add_weight_decay,
+    decoupled_weight_decay,
+)
+
+__all__ = [
+    "AddWeightDecay",
+    "DecoupledWeightDecay",
+    "ScaleByAdam",
+    "TraceMomentum",
+    "add_weight_decay",
+    "decoupled_weight_decay",
+    "scale_by_adam",
+    "trace_momentum",
+]

@@ -1,0 +1,46 @@
+"""Heavy-ball and Nesterov momentum with torch.optim.SGD's semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainlab.optim.transform import GradientTransform, State
+
+
+class TraceMomentum(GradientTransform):
+    """``b = momentum * b + (1 - dampening) * u`` (b starts at the first u); Nesterov uses ``u + momentum * b``."""
+
+    name = "trace_momentum"
+    hyperparameters = {"momentum": 0.9, "dampening": 0.0, "nesterov": False}
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"momentum_buffer": torch.zeros_like(param), "started": torch.zeros((), dtype=torch.bool)}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        mu, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        if nesterov and (mu <= 0 or damp != 0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+        if mu == 0:
+            return updates, state
+        bufs, started = state["momentum_buffer"], state["started"]
+        running = [i for i, s in enumerate(started) if s]
+        for i in set(range(len(bufs))) - set(running):  # a buffer starts as a copy of the first update
+            bufs[i].copy_(updates[i])
+            started[i].fill_(True)
+        if running:
+            sub_bufs = [bufs[i] for i in running]
+            torch._foreach_mul_(sub_bufs, mu)
+            torch._foreach_add_(sub_bufs, [updates[i] for i in running], alpha=1 - damp)
+        if nesterov:
+            return torch._foreach_add(updates, bufs, alpha=mu), state
+        return list(bufs), state
+
+
+def trace_momentum() -> TraceMomentum:
+    return TraceMomentum()

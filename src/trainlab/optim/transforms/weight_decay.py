@@ -1,0 +1,53 @@
+"""Weight decay, coupled (L2 added to the gradient) and decoupled (Loshchilov & Hutter)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainlab.optim.transform import GradientTransform, State
+
+
+class AddWeightDecay(GradientTransform):
+    """L2 regularization: ``u = g + weight_decay * p`` (torch.optim.SGD/Adam semantics)."""
+
+    name = "add_weight_decay"
+    hyperparameters = {"weight_decay": 0.0}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        wd = group["weight_decay"]
+        if wd == 0:
+            return updates, state
+        return torch._foreach_add(updates, params, alpha=wd), state
+
+
+class DecoupledWeightDecay(GradientTransform):
+    """Decoupled decay ``p <- p * (1 - lr * weight_decay)``, applied to the parameters before the step.
+
+    Shrinking the parameters first (as torch.optim.AdamW does) is the same update as adding
+    ``weight_decay * p`` to the direction, with one pass over memory fewer.
+    """
+
+    name = "decoupled_weight_decay"
+    hyperparameters = {"weight_decay": 1e-2}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        wd = group["weight_decay"]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - group["lr"] * wd)
+        return updates, state
+
+
+def add_weight_decay() -> AddWeightDecay:
+    return AddWeightDecay()
+
+
+def decoupled_weight_decay() -> DecoupledWeightDecay:
+    return DecoupledWeightDecay()
