@@ -1,3 +1,7 @@
 """Named optimizers: each module registers its paper's recipe as a short chain of shared transforms."""
 
-from trainlab.optim.recipes import baselines  # noqa: F401
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")

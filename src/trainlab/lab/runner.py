@@ -1,0 +1,218 @@
+"""Train one algorithm on one workload: the loop behind `trainlab bench` and the claim checks.
+
+A run is a pure function of (workload, optimizer, seed): the model's initial weights come from
+``torch.manual_seed(seed)`` and the batch of step ``t`` from a generator seeded by ``(seed, t)``, so a
+run resumed from a checkpoint draws exactly the batches the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainlab.lab.workloads.base import Batch, Workload
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    final_metric: float
+    best_metric: float
+    steps_to_target: int | None
+    time_to_target_s: float | None
+    wall_time_s: float
+    diverged_at: int | None
+    # One point per evaluation: step, wall_time_s, train_loss (mean since the last point), metric.
+    curve: list[dict[str, float]] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    step_times_s: list[float] = field(default_factory=list)
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """The generator that draws the batch of ``step`` in the run with ``seed``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train(
+    workload: Workload,
+    make_optimizer: OptimizerFactory,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    eval_every: int | None = None,
+    loss_fn: LossFn | None = None,
+    on_gradients: Callable[[int, nn.Module], None] | None = None,
+    make_scheduler: SchedulerFactory | None = None,
+    stop_at_target: bool = False,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``make_optimizer(model)`` on ``workload`` and evaluate every ``eval_every`` steps.
+
+    ``on_gradients(step, model)`` runs after backward and before the optimizer step (e.g. to inject
+    gradient spikes); ``loss_fn`` replaces the workload's loss. A non-finite training loss ends the
+    run, recorded as diverged at that step. With ``checkpoint`` set, the full state is saved every
+    ``checkpoint_every`` steps (and on divergence); ``resume`` continues from it bit for bit.
+    """
+    steps = workload.steps if steps is None else steps
+    batch_size = workload.batch_size if batch_size is None else batch_size
+    eval_every = workload.eval_every if eval_every is None else eval_every
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    loss_fn = workload.loss if loss_fn is None else loss_fn
+
+    torch.manual_seed(seed)
+    model = workload.make_model()
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
+    run = _RunState()
+    if resume and checkpoint is not None and checkpoint.exists():
+        run = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+
+    pending: list[torch.Tensor] = []  # losses since the last evaluation, synced only at evaluations
+    start = time.perf_counter() - run.elapsed_s
+    step = run.step
+    while step < steps and run.diverged_at is None:
+        batch = workload.make_batch(batch_size, batch_generator(seed, step))
+        t0 = time.perf_counter()
+
+        def closure(batch: Batch = batch, step: int = step) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            if on_gradients is not None:
+                on_gradients(step, model)
+            return loss
+
+        loss = optimizer.step(closure)
+        if scheduler is not None:
+            scheduler.step()
+        run.step_times_s.append(time.perf_counter() - t0)
+        pending.append(loss.detach())
+        step += 1
+        if progress is not None:
+            progress(1)
+        if step % eval_every == 0 or step == steps:
+            _evaluate(workload, model, run, pending, step, time.perf_counter() - start)
+            pending = []
+            if run.diverged_at is None and stop_at_target and run.steps_to_target is not None:
+                break
+        if checkpoint is not None and (
+            run.diverged_at is not None or (checkpoint_every and step % checkpoint_every == 0)
+        ):
+            run.step, run.elapsed_s = step, time.perf_counter() - start
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, run)
+
+    wall = time.perf_counter() - start
+    metrics = [p["metric"] for p in run.curve if math.isfinite(p["metric"])]
+    pick = max if workload.higher_is_better else min
+    return TrainResult(
+        model=model,
+        optimizer=optimizer,
+        final_metric=run.curve[-1]["metric"] if run.curve else float("nan"),
+        best_metric=pick(metrics) if metrics else float("nan"),
+        steps_to_target=run.steps_to_target,
+        time_to_target_s=run.time_to_target_s,
+        wall_time_s=wall,
+        diverged_at=run.diverged_at,
+        curve=run.curve,
+        train_losses=run.train_losses,
+        step_times_s=run.step_times_s,
+    )
+
+
+@dataclass
+class _RunState:
+    step: int = 0
+    elapsed_s: float = 0.0
+    steps_to_target: int | None = None
+    time_to_target_s: float | None = None
+    diverged_at: int | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    step_times_s: list[float] = field(default_factory=list)
+
+
+def _evaluate(
+    workload: Workload, model: nn.Module, run: _RunState, pending: list[torch.Tensor], step: int, wall: float
+) -> None:
+    losses = torch.stack(pending).float().tolist()
+    first = step - len(losses)
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        run.diverged_at = first + bad[0] + 1
+        losses = losses[: bad[0] + 1]
+    run.train_losses.extend(losses)
+    metric = float("nan") if bad else workload.evaluate(model)
+    if not math.isfinite(metric) and not bad:
+        run.diverged_at = step
+    run.curve.append(
+        {"step": step, "wall_time_s": wall, "train_loss": sum(losses) / len(losses), "metric": metric}
+    )
+    if run.steps_to_target is None and math.isfinite(metric) and workload.reached(metric):
+        run.steps_to_target, run.time_to_target_s = step, wall
+
+
+def _save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, run: _RunState
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "rng": torch.get_rng_state(),
+        "run": {
+            "step": run.step,
+            "elapsed_s": run.elapsed_s,
+            "steps_to_target": -1 if run.steps_to_target is None else run.steps_to_target,
+            "time_to_target_s": -1.0 if run.time_to_target_s is None else run.time_to_target_s,
+            "diverged_at": -1 if run.diverged_at is None else run.diverged_at,
+            "curve": run.curve,
+            "train_losses": run.train_losses,
+            "step_times_s": run.step_times_s,
+        },
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a run killed mid-save keeps its previous checkpoint
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> _RunState:
+    payload = torch.load(path, weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["rng"])
+    r = payload["run"]
+    return _RunState(
+        step=r["step"],
+        elapsed_s=r["elapsed_s"],
+        steps_to_target=None if r["steps_to_target"] < 0 else r["steps_to_target"],
+        time_to_target_s=None if r["time_to_target_s"] < 0 else r["time_to_target_s"],
+        diverged_at=None if r["diverged_at"] < 0 else r["diverged_at"],
+        curve=r["curve"],
+        train_losses=r["train_losses"],
+        step_times_s=r["step_times_s"],
+    )
