@@ -1,0 +1,36 @@
+"""Claims about the lab itself: the built-in workloads are trainable to their targets."""
+
+from __future__ import annotations
+
+from trainlab.lab.bench import resolve_hyperparameters
+from trainlab.lab.claims import ClaimResult, register_claim
+from trainlab.lab.runner import train
+from trainlab.lab.workloads import get_workload
+from trainlab.optim import create
+
+ADAMW_PAPER = "Decoupled Weight Decay Regularization (Loshchilov & Hutter, 2019)"
+
+
+def _steps_to_target(workload_name: str, algorithm: str) -> int | None:
+    w = get_workload(workload_name)
+    hp = resolve_hyperparameters(algorithm, w, None)
+    return train(w, lambda m: create(algorithm, m.parameters(), **hp), seed=0, stop_at_target=True).steps_to_target
+
+
+@register_claim(
+    "lab/digits-adamw",
+    method="adamw",
+    paper=ADAMW_PAPER,
+    promise="AdamW trains digits-mlp and digits-cnn to their validation-accuracy targets within the default budget",
+    fast=True,
+)
+def digits_reach_target_with_adamw() -> ClaimResult:
+    names = ("digits-mlp", "digits-cnn")
+    ours = {f"{n} steps": _steps_to_target(n, "adamw") for n in names}
+    sgd = {f"{n} steps (sgd)": _steps_to_target(n, "sgd") for n in names}
+    return ClaimResult(
+        measured=ours,
+        baseline=sgd,
+        passed=all(v is not None for v in ours.values()),
+        note="steps to the target accuracy, evaluated every eval_every steps; SGD with momentum as reference",
+    )

@@ -1,0 +1,155 @@
+"""`trainlab bench`: train every (workload, algorithm, seed) and write results, a report and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
+from trainlab.lab.runner import train
+from trainlab.lab.workloads import Workload, get_workload
+from trainlab.optim import create, get_spec
+from trainlab.optim.accounting import state_bytes
+
+DEMO_WORKLOADS = ("digits-mlp",)
+DEMO_ALGORITHMS = ("sgd", "adamw", "lion", "muon", "stable-spam")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workloads: Sequence[str]
+    algorithms: Sequence[str]
+    seeds: int = 1
+    steps: int | None = None
+    out: Path = Path("bench-out")
+    # Overrides: {"lr": 1e-3} for every algorithm, {"adamw": {"lr": 1e-3}} for one.
+    hyperparameters: Mapping[str, Any] | None = None
+    schedule: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 50
+    progress: bool = True
+
+
+def resolve_hyperparameters(
+    algorithm: str, workload: Workload, overrides: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Paper defaults, then the workload's tuned values, then the user's overrides (validated)."""
+    spec = get_spec(algorithm)
+    hp = dict(spec.defaults)
+    hp.update({k: v for k, v in workload.hyperparameters.get(algorithm, {}).items() if k in spec.defaults})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, Mapping):
+            if key == algorithm:
+                hp.update(value)
+            continue
+        hp[key] = value
+    unknown = set(hp) - set(spec.defaults)
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {sorted(unknown)} for {algorithm!r}; "
+            f"allowed: {', '.join(sorted(spec.defaults))}"
+        )
+    return hp
+
+
+def validate(config: BenchConfig) -> list[Workload]:
+    """Check every name before any training starts, so a typo costs no compute."""
+    workloads = [get_workload(name) for name in config.workloads]
+    for algorithm in config.algorithms:
+        get_spec(algorithm)
+        for w in workloads:
+            resolve_hyperparameters(algorithm, w, config.hyperparameters)
+    if config.schedule is not None:
+        from trainlab.schedules import scheduler_names
+
+        if config.schedule not in scheduler_names():
+            raise ValueError(f"unknown schedule {config.schedule!r}; choose one of: {', '.join(scheduler_names())}")
+    if not isinstance(config.seeds, int) or config.seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {config.seeds!r}")
+    if config.steps is not None and (not isinstance(config.steps, int) or config.steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {config.steps!r}")
+    return workloads
+
+
+def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
+    """Run the whole grid and write results.json, report.md and the plots into ``config.out``."""
+    from trainlab.lab.plots import write_plots
+    from trainlab.lab.report import write_report
+
+    workloads = validate(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum((config.steps or w.steps) for w in workloads) * len(config.algorithms) * config.seeds
+    results: list[dict[str, Any]] = []
+    with tqdm(total=total, desc="bench", unit="step", disable=not config.progress) as bar:
+        for w in workloads:
+            for algorithm in config.algorithms:
+                for seed in range(config.seeds):
+                    bar.set_postfix_str(f"{w.name} {algorithm} seed {seed}")
+                    results.append(_run_one(config, w, algorithm, seed, out, bar.update))
+                    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out / "report.md")
+    write_plots(results, out)
+    return results
+
+
+def _run_one(
+    config: BenchConfig, workload: Workload, algorithm: str, seed: int, out: Path, progress: Any
+) -> dict[str, Any]:
+    hp = resolve_hyperparameters(algorithm, workload, config.hyperparameters)
+    steps = config.steps or workload.steps
+    make_scheduler = None
+    if config.schedule is not None:
+        from trainlab.schedules import create_scheduler
+
+        def make_scheduler(opt: Any) -> Any:
+            return create_scheduler(config.schedule, opt, total_steps=steps)
+
+    checkpoint = out / "checkpoints" / f"{workload.name}--{algorithm}--seed{seed}.pt"
+    reset_peak_rss()
+    result = train(
+        workload,
+        lambda model: create(algorithm, model.named_parameters(), **hp),
+        seed=seed,
+        steps=steps,
+        make_scheduler=make_scheduler,
+        checkpoint=checkpoint,
+        checkpoint_every=config.checkpoint_every,
+        resume=config.resume,
+        progress=progress,
+    )
+    step_times = result.step_times_s
+    return {
+        "workload": workload.name,
+        "algorithm": algorithm,
+        "seed": seed,
+        "hyperparameters": {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()},
+        "schedule": config.schedule or "constant",
+        "steps": steps,
+        "metric": workload.metric,
+        "higher_is_better": workload.higher_is_better,
+        "target": workload.target,
+        "final_metric": _finite_or_none(result.final_metric),
+        "best_metric": _finite_or_none(result.best_metric),
+        "steps_to_target": result.steps_to_target,
+        "time_to_target_s": result.time_to_target_s,
+        "wall_time_s": result.wall_time_s,
+        "step_time_ms_median": 1e3 * statistics.median(step_times) if step_times else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "optimizer_state_bytes": state_bytes(result.optimizer),
+        "diverged": result.diverged,
+        "diverged_at_step": result.diverged_at,
+        "curve": [{k: _finite_or_none(v) for k, v in point.items()} for point in result.curve],
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a diverged metric is written as null."""
+    return value if isinstance(value, int | float) and math.isfinite(value) else None

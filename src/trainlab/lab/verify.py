@@ -1,0 +1,83 @@
+"""`trainlab verify`: run the registered paper claims and write VERIFY.md with what they measured."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from trainlab.lab.claims import Claim, ClaimResult, all_claims
+
+
+@dataclass(frozen=True)
+class Verdict:
+    claim: Claim
+    result: ClaimResult | None
+    seconds: float
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.result is not None and self.result.passed
+
+
+def run_claims(claims: Sequence[Claim], progress: bool = True) -> list[Verdict]:
+    """Run each claim's check; an exception is a failed claim with its traceback, not a crash."""
+    verdicts = []
+    for claim in tqdm(claims, desc="verify", unit="claim", disable=not progress):
+        start = time.perf_counter()
+        try:
+            verdicts.append(Verdict(claim, claim.check(), time.perf_counter() - start))
+        except Exception:  # noqa: BLE001 - the report must show every claim, broken ones included
+            verdicts.append(Verdict(claim, None, time.perf_counter() - start, traceback.format_exc()))
+    return verdicts
+
+
+def render(verdicts: Sequence[Verdict]) -> str:
+    lines = [
+        "# trainlab verify",
+        "",
+        "Each paper's claim, measured at small scale on a built-in workload against a baseline.",
+        "",
+        "| claim | method | paper | promise | measured | baseline | verdict | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in verdicts:
+        c = v.claim
+        measured = _fmt(v.result.measured) if v.result else "error"
+        baseline = _fmt(v.result.baseline) if v.result else ""
+        verdict = "pass" if v.passed else "FAIL"
+        lines.append(
+            f"| {c.name} | {c.method} | {c.paper} | {c.promise} | {measured} | {baseline} | {verdict}"
+            f" | {v.seconds:.1f} |"
+        )
+    notes = [(v.claim.name, v.result.note) for v in verdicts if v.result and v.result.note]
+    errors = [(v.claim.name, v.error) for v in verdicts if v.error]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- **{name}**: {note}" for name, note in notes]
+    if errors:
+        lines += ["", "## Errors", ""]
+        for name, err in errors:
+            lines += [f"### {name}", "", "```", err.rstrip(), "```", ""]
+    passed = sum(v.passed for v in verdicts)
+    lines += ["", f"{passed} of {len(verdicts)} claims hold."]
+    return "\n".join(lines) + "\n"
+
+
+def verify(fast_only: bool = False, only: str | None = None, out: Path = Path("VERIFY.md"),
+           progress: bool = True) -> list[Verdict]:
+    verdicts = run_claims(all_claims(fast_only=fast_only, only=only), progress=progress)
+    out.write_text(render(verdicts))
+    return verdicts
+
+
+def _fmt(values: Any) -> str:
+    parts = []
+    for k, v in dict(values).items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return "; ".join(parts).replace("|", "/")

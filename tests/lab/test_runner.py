@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from trainlab.lab.runner import train
+from trainlab.optim import create
+
+
+def _adamw(model):
+    return create("adamw", model.parameters(), lr=1e-2)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "sgd", "torch-adamw"])
+def test_resume_after_kill_is_bitwise_identical(tiny, tmp_path, algorithm):
+    def make(model):
+        return create(algorithm, model.parameters(), lr=1e-2)
+
+    full = train(tiny, make, seed=3, steps=60)
+
+    def kill_at_35(step, model):
+        if step == 35:
+            raise Killed
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train(tiny, make, seed=3, steps=60, on_gradients=kill_at_35, checkpoint=ckpt, checkpoint_every=20)
+    assert torch.load(ckpt, weights_only=True)["run"]["step"] == 20
+    resumed = train(tiny, make, seed=3, steps=60, checkpoint=ckpt, checkpoint_every=20, resume=True)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.train_losses == full.train_losses
+    assert [p["metric"] for p in resumed.curve] == [p["metric"] for p in full.curve]
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny):
+    a, b, c = (train(tiny, _adamw, seed=s, steps=20) for s in (0, 0, 1))
+    assert a.train_losses == b.train_losses
+    assert a.train_losses != c.train_losses
+
+
+def test_curve_and_time_to_target(tiny):
+    result = train(tiny, _adamw, seed=0)
+    assert [p["step"] for p in result.curve] == list(range(10, 61, 10))
+    assert len(result.train_losses) == 60 and len(result.step_times_s) == 60
+    assert result.steps_to_target is not None and result.steps_to_target % 10 == 0
+    first_hit = next(p for p in result.curve if p["metric"] >= tiny.target)
+    assert result.steps_to_target == first_hit["step"]
+    assert result.time_to_target_s == first_hit["wall_time_s"] <= result.wall_time_s
+    # the curve's train loss is the mean of the per-step losses since the previous evaluation
+    assert result.curve[0]["train_loss"] == pytest.approx(sum(result.train_losses[:10]) / 10)
+    assert result.best_metric == max(p["metric"] for p in result.curve)
+
+
+def test_stop_at_target_stops_early(tiny):
+    result = train(tiny, _adamw, seed=0, stop_at_target=True)
+    assert result.curve[-1]["step"] == result.steps_to_target < 60
+
+
+def test_divergence_is_recorded_with_its_step_and_checkpointed(tiny, tmp_path):
+    def explode(step, model):
+        if step == 13:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+
+    ckpt = tmp_path / "div.pt"
+    result = train(tiny, lambda m: create("sgd", m.parameters(), lr=0.1), seed=0, on_gradients=explode,
+                   checkpoint=ckpt)
+    # step 13 (0-based) poisons the weights, so the loss of step 15 (1-based) is the first non-finite one
+    assert result.diverged and result.diverged_at == 15
+    assert len(result.train_losses) == 15 and math.isnan(result.train_losses[-1])
+    assert all(math.isfinite(v) for v in result.train_losses[:-1])
+    assert math.isnan(result.final_metric)
+    assert torch.load(ckpt, weights_only=True)["run"]["diverged_at"] == 15
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"batch_size": -1}, {"eval_every": 1.5}])
+def test_bad_arguments(tiny, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        train(tiny, _adamw, **kwargs)
