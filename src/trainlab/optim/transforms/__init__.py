@@ -1,6 +1,8 @@
 """Reusable gradient transforms. Each paper's optimizer is a short chain of these."""
 
-from trainlab.optim.transforms.adam import ScaleByAdam, scale_by_adam
+from trainlab.optim.transforms.adam import ScaleByAdam, adam_ratio, bias_corrections, scale_by_adam, update_moments_
+from trainlab.optim.transforms.diffgrad import ScaleByDiffGrad, scale_by_diffgrad
+from trainlab.optim.transforms.lion import ScaleByLion, scale_by_lion
 from trainlab.optim.transforms.momentum import TraceMomentum, trace_momentum
 from trainlab.optim.transforms.orthogonal import (
     OrthogonalizeGradient,
@@ -11,6 +13,19 @@ from trainlab.optim.transforms.orthogonal import (
     scale_by_auon,
     scale_by_muon,
 )
+from trainlab.optim.transforms.spam import (
+    ClipSpikes,
+    ClipSpikesAdaptive,
+    NormalizeGradientNorm,
+    ScaleByAdamWithResets,
+    ScaleBySpamAdam,
+    clip_spikes,
+    clip_spikes_adaptive,
+    normalize_gradient_norm,
+    scale_by_adam_with_resets,
+    scale_by_spam_adam,
+    spam_warmup,
+)
 from trainlab.optim.transforms.weight_decay import (
     AddWeightDecay,
     DecoupledWeightDecay,
@@ -20,18 +35,36 @@ from trainlab.optim.transforms.weight_decay import (
 
 __all__ = [
     "AddWeightDecay",
+    "ClipSpikes",
+    "ClipSpikesAdaptive",
     "DecoupledWeightDecay",
+    "NormalizeGradientNorm",
     "OrthogonalizeGradient",
     "ScaleByAdam",
+    "ScaleByAdamWithResets",
     "ScaleByAuON",
+    "ScaleByDiffGrad",
+    "ScaleByLion",
     "ScaleByMuon",
+    "ScaleBySpamAdam",
     "TraceMomentum",
+    "adam_ratio",
     "add_weight_decay",
+    "bias_corrections",
+    "clip_spikes",
+    "clip_spikes_adaptive",
     "decoupled_weight_decay",
     "newton_schulz",
+    "normalize_gradient_norm",
     "orthogonalize_gradient",
     "scale_by_adam",
+    "scale_by_adam_with_resets",
     "scale_by_auon",
+    "scale_by_diffgrad",
+    "scale_by_lion",
     "scale_by_muon",
+    "scale_by_spam_adam",
+    "spam_warmup",
     "trace_momentum",
+    "update_moments_",
 ]

@@ -1,14 +1,59 @@
-"""Adam's bias-corrected moment scaling (Kingma & Ba), the core of most adaptive recipes."""
+"""Adam's bias-corrected moment scaling (Kingma & Ba), the core of most adaptive recipes.
+
+The moment update and the ratio ``a·n / (b·sqrt(v) + eps)`` are module functions so that the Adam
+variants (SPAM, Stable-SPAM, diffGrad) reuse them with their own numerators and bias corrections.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
+
+
+def update_moments_(m: list[Tensor], v: list[Tensor], updates: list[Tensor], betas: Sequence[float]) -> None:
+    """In place: ``m ← β1·m + (1−β1)·u`` and ``v ← β2·v + (1−β2)·u²``."""
+    beta1, beta2 = betas
+    torch._foreach_lerp_(m, updates, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
+
+
+def bias_corrections(
+    steps: Sequence[float], betas: Sequence[float], *, raw_eps: bool = False
+) -> tuple[list[float], list[float]]:
+    """The scales ``(a, b)`` of `adam_ratio` that make it Adam's ``m_hat / (sqrt(v_hat) + eps)``.
+
+    ``a = 1/(1−β1^t)`` and ``b = 1/sqrt(1−β2^t)``. With ``raw_eps`` eps is added to the uncorrected
+    sqrt(v) instead, ``sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps)``: the form of BERT's AdamW and of
+    the official SPAM and diffGrad code (the two differ only while eps is not small against sqrt(v)).
+    """
+    beta1, beta2 = betas
+    a = [1 / (1 - beta1**t) for t in steps]
+    b = [(1 - beta2**t) ** -0.5 for t in steps]
+    if raw_eps:
+        return [ai / bi for ai, bi in zip(a, b, strict=True)], [1.0] * len(b)
+    return a, b
+
+
+def adam_ratio(
+    numerators: list[Tensor], v: list[Tensor], eps: float, a: Sequence[float], b: Sequence[float]
+) -> list[Tensor]:
+    """``a·n / (b·sqrt(v) + eps)`` per tensor (``a``, ``b`` per-tensor scalars), as new tensors.
+
+    Computed as ``n · 1/((b/a)·sqrt(v) + eps/a)`` in one freshly allocated buffer: on the CPU the page
+    faults of a second full-size allocation per step cost more than the extra reciprocal pass.
+    """
+    out = torch._foreach_sqrt(v)
+    torch._foreach_mul_(out, [bi / ai for ai, bi in zip(a, b, strict=True)])
+    torch._foreach_add_(out, [eps / ai for ai in a])
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, numerators)
+    return list(out)
 
 
 class ScaleByAdam(GradientTransform):
@@ -27,18 +72,10 @@ class ScaleByAdam(GradientTransform):
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
-        beta1, beta2 = group["betas"]
         steps = step_counts(state)
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        torch._foreach_lerp_(m, updates, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, updates, updates, 1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
-        torch._foreach_add_(denom, group["eps"])
-        out = torch._foreach_div(m, denom)
-        torch._foreach_div_(out, [1 - beta1**t for t in steps])
-        return out, state
+        update_moments_(m, v, updates, group["betas"])
+        return adam_ratio(m, v, group["eps"], *bias_corrections(steps, group["betas"])), state
 
 
 def scale_by_adam() -> ScaleByAdam:

@@ -1,0 +1,222 @@
+"""Spike-aware transforms of SPAM and Stable-SPAM: moment resets, spike clipping, norm normalization.
+
+- `scale_by_adam_with_resets`: Adam whose moments are zeroed every ``reset_interval`` steps and whose
+  bias correction restarts with them (Stable-SPAM's MoRet).
+- `scale_by_spam_adam`: SPAM's variant, whose step count runs on through a reset, so the first
+  post-reset updates are tiny and a cosine warmup 0.01 → 1 takes over (the pair must stay together).
+- `clip_spikes`: SPAM's spike-aware clipping of g against the second moment of the Adam it wraps.
+- `clip_spikes_adaptive`: Stable-SPAM's AdaClip, against an EMA of each tensor's max |g|.
+- `normalize_gradient_norm`: Stable-SPAM's AdaGN, which rescales each tensor's gradient to a norm
+  that follows EMAs of its past norms.
+
+Official code: TianjinYellow/SPAM-Optimizer (galore_torch/SPAM.py) and TianjinYellow/StableSPAM
+(galore_torch/stablespam.py). Reset schedules count each parameter's own steps (the official code uses
+one global count; they agree whenever all parameters receive gradients from the first step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
+from trainlab.optim.transforms.adam import ScaleByAdam, adam_ratio, bias_corrections, update_moments_
+
+
+class ScaleByAdamWithResets(ScaleByAdam):
+    """Adam with momentum reset: at every step ``k`` with ``k % reset_interval == 0``, m and v restart at 0.
+
+    The bias correction restarts too (Stable-SPAM), so the first update after a reset is a full-size one.
+    """
+
+    name = "scale_by_adam_with_resets"
+    hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8, "reset_interval": 1000}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        steps = step_counts(state)
+        interval = group["reset_interval"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        due = [i for i, k in enumerate(steps) if k % interval == 0]
+        if due:
+            torch._foreach_zero_([m[i] for i in due] + [v[i] for i in due])
+        update_moments_(m, v, updates, group["betas"])
+        return adam_ratio(m, v, group["eps"], *self.scales(steps, group)), state
+
+    def scales(self, steps: Sequence[float], group: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+        """The `adam_ratio` scales at global steps ``steps``: here with the count since the last reset."""
+        interval = group["reset_interval"]
+        return bias_corrections([k if k < interval else k % interval + 1 for k in steps], group["betas"])
+
+
+def spam_warmup(step: float, reset_interval: int, warmup_steps: int) -> float:
+    """SPAM's step-size factor: ``1 − 0.99·(1 + cos(π j/(N+1)))/2`` at ``j = step % reset_interval < N``.
+
+    The closed form of the official ``CosineDecay(0.99, N)`` (torch's CosineAnnealingLR with T_max = N+1,
+    stepped with an explicit epoch j). It is 1 before the first reset and once N steps have passed since.
+    """
+    j = step % reset_interval
+    if step < reset_interval or j >= warmup_steps:
+        return 1.0
+    return 1 - 0.99 * (1 + math.cos(math.pi * j / (warmup_steps + 1))) / 2
+
+
+class ScaleBySpamAdam(ScaleByAdamWithResets):
+    """SPAM's Adam: m, v reset every ``reset_interval`` steps, bias correction NOT restarted, cosine warmup.
+
+    ``u = s_k · sqrt(1−β2^k)/(1−β1^k) · m/(sqrt(v) + eps)``, eps on the raw sqrt(v) as in SPAM.py.
+    """
+
+    name = "scale_by_spam_adam"
+    hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-6, "reset_interval": 500, "warmup_steps": 150}
+
+    def scales(self, steps: Sequence[float], group: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+        a, b = bias_corrections(steps, group["betas"], raw_eps=True)
+        interval, warmup = group["reset_interval"], group["warmup_steps"]
+        return [ai * spam_warmup(k, interval, warmup) for ai, k in zip(a, steps, strict=True)], b
+
+
+class ClipSpikes(GradientTransform):
+    """SPAM's spike-aware clipping: ``g ← sign(g)·sqrt(θ·v)`` wherever ``g² > θ·v``, then the wrapped Adam.
+
+    ``v`` is the wrapped transform's second moment before this step's update (no bias correction), which
+    is why this transform wraps the Adam rather than preceding it in a chain. Clipping starts once v has
+    accumulated: at step k only if ``k % reset_interval ≥ n_acc`` (so never right after a reset, when v
+    is zero). The clip equals clamping g to ``[−sqrt(θv), sqrt(θv)]``, which is how it is computed.
+    """
+
+    name = "clip_spikes"
+    hyperparameters = {"theta": 5000.0, "n_acc": 20}
+
+    def __init__(self, inner: ScaleByAdamWithResets) -> None:
+        if not isinstance(inner, ScaleByAdamWithResets):
+            raise TypeError(f"clip_spikes wraps an Adam with momentum resets, got {type(inner).__name__}")
+        self.inner = inner
+
+    def all_hyperparameters(self) -> dict[str, Any]:
+        return {**self.inner.all_hyperparameters(), **self.hyperparameters}
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        return self.inner.init(param, group)
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        interval, n_acc = group["reset_interval"], group["n_acc"]
+        # The step about to be taken, as the wrapped transform will count it (CPU counters: no sync).
+        due = [i for i, s in enumerate(state["step"]) if (s.item() + 1) % interval >= n_acc]
+        if due:
+            limit = torch._foreach_mul([state["exp_avg_sq"][i] for i in due], float(group["theta"]))
+            torch._foreach_sqrt_(limit)
+            clipped = torch._foreach_minimum([updates[i] for i in due], limit)
+            torch._foreach_neg_(limit)
+            torch._foreach_maximum_(clipped, limit)
+            updates = list(updates)
+            for i, c in zip(due, clipped, strict=True):
+                updates[i] = c
+        return self.inner.update(updates, state, params, group)
+
+
+def max_abs(tensors: list[Tensor]) -> list[Tensor]:
+    """``max |t|`` of each tensor, as 0-dim tensors.
+
+    The foreach ∞-norm, except on the CPU, where torch's ∞-norm is ~20x slower than a min/max reduction
+    (torch 2.13: 27 ms vs 1.4 ms over ten 1024x1024 float32 tensors).
+    """
+    if tensors[0].device.type != "cpu":
+        return list(torch._foreach_norm(tensors, float("inf")))
+    return [torch.maximum(hi, lo.neg()) for lo, hi in map(torch.aminmax, tensors)]
+
+
+class ClipSpikesAdaptive(GradientTransform):
+    """Stable-SPAM's AdaClip: entries above the bias-corrected EMA m̂ of max|g| are scaled by m̂/max|g|.
+
+    ``m_max ← γ3·m_max + (1−γ3)·max|g|``, ``m̂ = m_max/(1−γ3^k)``; ``g[|g| > m̂] *= m̂/max|g|``, so the
+    largest entry becomes m̂ and the others keep their order.
+    """
+
+    name = "clip_spikes_adaptive"
+    hyperparameters = {"gamma3": 0.999}
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"step": new_step_counter(), "max_abs_avg": torch.zeros((), dtype=param.dtype, device=param.device)}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        gamma3 = group["gamma3"]
+        steps = step_counts(state)
+        peaks = max_abs(updates)
+        torch._foreach_lerp_(state["max_abs_avg"], peaks, 1 - gamma3)
+        limits = torch._foreach_div(state["max_abs_avg"], [1 - gamma3**k for k in steps])
+        # torch has no foreach select: one where per tensor, all in one new buffer (fresh allocations
+        # cost page faults on the CPU). Where nothing is selected, lim/peak may be inf or nan, unused.
+        clipped = []
+        for g, lim, peak in zip(updates, limits, peaks, strict=True):
+            out = g.abs()
+            spikes = out > lim
+            torch.mul(g, lim / peak, out=out)
+            clipped.append(torch.where(spikes, out, g, out=out))
+        return clipped, state
+
+
+class NormalizeGradientNorm(GradientTransform):
+    """Stable-SPAM's AdaGN: ``ĝ = g/‖g‖ · m̂_n/(sqrt(v̂_n) + eps)`` per tensor.
+
+    ``m_n``, ``v_n`` are EMAs (γ1, γ2) of ``‖g‖`` and ``‖g‖²``, bias-corrected with this transform's own
+    step count (not restarted by moment resets). An all-zero gradient leaves its EMAs unchanged and stays
+    zero, as the official code skips it.
+    """
+
+    name = "normalize_gradient_norm"
+    hyperparameters = {"gamma1": 0.7, "gamma2": 0.9, "eps": 1e-8}
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        def scalar() -> Tensor:
+            return torch.zeros((), dtype=param.dtype, device=param.device)
+
+        return {"step": new_step_counter(), "norm_avg": scalar(), "norm_sq_avg": scalar()}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        gamma1, gamma2 = group["gamma1"], group["gamma2"]
+        steps = step_counts(state)
+        norms = torch._foreach_norm(updates)
+        active = torch._foreach_sign(norms)  # 0 for an all-zero gradient, else 1
+        torch._foreach_lerp_(state["norm_avg"], norms, torch._foreach_mul(active, 1 - gamma1))
+        torch._foreach_lerp_(
+            state["norm_sq_avg"], torch._foreach_mul(norms, norms), torch._foreach_mul(active, 1 - gamma2)
+        )
+        denom = torch._foreach_div(state["norm_sq_avg"], [1 - gamma2**k for k in steps])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_mul_(denom, [1 - gamma1**k for k in steps])
+        # Divide by ‖g‖, or by 1 where g is all zeros (0/0 would poison the update).
+        torch._foreach_mul_(denom, torch._foreach_add(norms, torch._foreach_add(torch._foreach_neg(active), 1.0)))
+        return list(torch._foreach_mul(updates, torch._foreach_div(state["norm_avg"], denom))), state
+
+
+def scale_by_adam_with_resets() -> ScaleByAdamWithResets:
+    return ScaleByAdamWithResets()
+
+
+def scale_by_spam_adam() -> ScaleBySpamAdam:
+    return ScaleBySpamAdam()
+
+
+def clip_spikes(inner: ScaleByAdamWithResets) -> ClipSpikes:
+    return ClipSpikes(inner)
+
+
+def clip_spikes_adaptive() -> ClipSpikesAdaptive:
+    return ClipSpikesAdaptive()
+
+
+def normalize_gradient_norm() -> NormalizeGradientNorm:
+    return NormalizeGradientNorm()
