@@ -56,7 +56,7 @@ def test_bench_resume_reuses_finished_runs(registered_tiny, tmp_path):
 
 def test_diverged_run_is_recorded_not_raised(registered_tiny, tmp_path):
     runs = run_bench(BenchConfig(workloads=["tiny"], algorithms=["sgd"], steps=30, out=tmp_path,
-                                 hyperparameters={"lr": 1e30}, progress=False))
+                                 hyperparameters={"lr": float("inf")}, progress=False))
     assert runs[0]["diverged"] and runs[0]["diverged_at_step"] is not None
     json.loads((tmp_path / "results.json").read_text())  # valid JSON: NaN written as null
 

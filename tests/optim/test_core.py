@@ -213,3 +213,19 @@ def test_grad_scaler_unscale_then_step():
             scaler.update()
     assert _max_rel_err(ours_model, ref_model) < 1e-5
     assert _max_rel_err(ours_model, _model(torch.float32)) > 1e-3
+
+
+def test_load_state_dict_keeps_counters_on_cpu_in_float32_for_low_precision_params():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float16))
+    opt = create("adamw", [w], lr=1e-3)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    opt.state[w]["scale_by_adam.step"].fill_(2049.0)  # not representable in float16
+    saved = opt.state_dict()
+    fresh = create("adamw", [w], lr=1e-3)
+    fresh.load_state_dict(saved)
+    step = fresh.state[w]["scale_by_adam.step"]
+    assert step.dtype == torch.float32 and step.device.type == "cpu" and step.item() == 2049.0
+    assert fresh.state[w]["scale_by_adam.exp_avg"].dtype == torch.float16

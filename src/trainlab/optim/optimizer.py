@@ -59,6 +59,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         if "lr" not in defaults:
             raise ValueError("lr is required")
         super().__init__(params, defaults)
+        self._saved_state: dict[int, dict[str, Tensor]] = {}
+        self.register_load_state_dict_pre_hook(_remember_saved_state)
+        self.register_load_state_dict_post_hook(_restore_counters_and_dtypes)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         chain = param_group.get("chain", self.defaults.get("chain"))
@@ -102,3 +105,27 @@ class ChainOptimizer(torch.optim.Optimizer):
             else:
                 torch._foreach_add_(params, updates, alpha=-lr)
         return loss
+
+
+# torch's load_state_dict casts every state tensor to its parameter's dtype and device, except a key named
+# exactly "step". Our keys are prefixed ("scale_by_adam.step"), and some state deliberately differs from the
+# parameter (float32 counters and low-rank moments of bf16 weights, CPU flags that must not become device
+# syncs), so these hooks put such tensors back as they were saved.
+
+
+def _remember_saved_state(optimizer: ChainOptimizer, state_dict: dict[str, Any]) -> None:
+    optimizer._saved_state = {i: dict(st) for i, st in state_dict["state"].items()}
+
+
+def _restore_counters_and_dtypes(optimizer: ChainOptimizer) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, saved in optimizer._saved_state.items():
+        state = optimizer.state[params[index]]
+        for key, value in saved.items():
+            if not isinstance(value, Tensor):
+                continue
+            if value.dim() == 0:  # counters and flags stay on the CPU in their own dtype
+                state[key] = value.detach().to("cpu", copy=True)
+            elif value.dtype != state[key].dtype:
+                state[key] = value.detach().to(params[index].device, copy=True)
+    optimizer._saved_state = {}
