@@ -1,6 +1,7 @@
 """Reusable gradient transforms. Each paper's optimizer is a short chain of these."""
 
 from trainlab.optim.transforms.adam import ScaleByAdam, adam_ratio, bias_corrections, scale_by_adam, update_moments_
+from trainlab.optim.transforms.curvature import CurvatureFeed, PreconditionMKOR, ScaleByAdaHessian, ScaleByMFAC
 from trainlab.optim.transforms.diffgrad import ScaleByDiffGrad, scale_by_diffgrad
 from trainlab.optim.transforms.lion import ScaleByLion, scale_by_lion
 from trainlab.optim.transforms.momentum import TraceMomentum, trace_momentum
@@ -37,14 +38,18 @@ __all__ = [
     "AddWeightDecay",
     "ClipSpikes",
     "ClipSpikesAdaptive",
+    "CurvatureFeed",
     "DecoupledWeightDecay",
     "NormalizeGradientNorm",
     "OrthogonalizeGradient",
+    "PreconditionMKOR",
+    "ScaleByAdaHessian",
     "ScaleByAdam",
     "ScaleByAdamWithResets",
     "ScaleByAuON",
     "ScaleByDiffGrad",
     "ScaleByLion",
+    "ScaleByMFAC",
     "ScaleByMuon",
     "ScaleBySpamAdam",
     "TraceMomentum",
