@@ -1,0 +1,84 @@
+"""scikit-learn's bundled 8x8 handwritten digits (1,797 images), classified by an MLP or a small CNN."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trainlab.lab.workloads.base import Workload, register_workload
+from trainlab.lab.workloads.supervised import accuracy_evaluator, cross_entropy_loss, sample_rows
+
+
+@functools.cache
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: pixels in [0, 1] as (n, 1, 8, 8), a fixed stratified 80/20 split."""
+    # Imported here, not at module level: scikit-learn takes ~1.5 s to import and only the data needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    train, val = train_test_split(range(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
+    return x[train], y[train], x[val], y[val]
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+# Tuned on seeds 0-2: AdamW reaches 0.97 (MLP) / 0.975 (CNN) by step 150; SGD's lr 0.3 diverges on the CNN.
+# Lion and the second-order methods were tuned on the MLP only (Lion at its default lr 1e-4 never gets there).
+_HYPERPARAMETERS = {
+    "adamw": {"lr": 3e-3, "weight_decay": 1e-2},
+    "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+    "lion": {"lr": 1e-3, "weight_decay": 0.0},
+    "adahessian": {"lr": 0.15},
+    "mfac": {"lr": 1e-2, "ngrads": 128, "damp": 1e-2},
+    "mkor": {"lr": 0.1, "momentum": 0.9},
+}
+
+
+def _digits_workload(name: str, description: str, make_model: Callable[[], nn.Module], target: float) -> Workload:
+    return Workload(
+        name=name,
+        description=description,
+        make_model=make_model,
+        make_batch=lambda batch_size, generator: sample_rows(digits_data()[:2], batch_size, generator),
+        loss=cross_entropy_loss,
+        evaluate=accuracy_evaluator(lambda: digits_data()[2:]),
+        metric="accuracy",
+        higher_is_better=True,
+        target=target,
+        steps=400,
+        batch_size=64,
+        eval_every=25,
+        hyperparameters=_HYPERPARAMETERS,
+    )
+
+
+@register_workload("digits-mlp")
+def digits_mlp() -> Workload:
+    return _digits_workload("digits-mlp", "8x8 digits, MLP 64-128-128-10", _mlp, 0.95)
+
+
+@register_workload("digits-cnn")
+def digits_cnn() -> Workload:
+    return _digits_workload("digits-cnn", "8x8 digits, CNN conv16-conv32-pool-linear", _cnn, 0.96)

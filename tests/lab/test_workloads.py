@@ -1,0 +1,178 @@
+"""The built-in workloads: determinism, AdamW reaching each target, and each data set's own promises."""
+
+import dataclasses
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainlab.lab.workloads import get_workload, workload_names
+from trainlab.lab.workloads.digits import digits_data
+from trainlab.lab.workloads.modadd import modadd_data
+from trainlab.lab.workloads.pylm import (
+    ByteTransformer,
+    bits_per_byte,
+    is_validation_file,
+    pylm_corpus,
+    stdlib_sources,
+)
+from trainlab.lab.workloads.sbm import GCN, gcn_loss, sbm_graph
+from trainlab.lab.workloads.supervised import accuracy
+
+BUILT_IN = ["digits-mlp", "digits-cnn", "modadd", "pylm", "sbm-gnn"]
+DATA_CACHES = [digits_data, modadd_data, pylm_corpus, sbm_graph]
+
+
+def _tensors(obj):
+    """Every tensor in a batch (tensor, tuple or dataclass), sparse ones densified, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj.to_dense() if obj.is_sparse else obj]
+    if dataclasses.is_dataclass(obj):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return [t for item in obj for t in _tensors(item)]
+
+
+def _assert_equal(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert len(ta) == len(tb)
+    for x, y in zip(ta, tb, strict=True):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_built_in_workloads_are_registered():
+    assert set(BUILT_IN) <= set(workload_names())
+
+
+def test_unknown_workload_names_the_valid_ones():
+    with pytest.raises(ValueError, match="nope.*digits-mlp.*modadd.*pylm.*sbm-gnn"):
+        get_workload("nope")
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_workload_is_a_pure_function_of_its_seeds(name):
+    first = get_workload(name)
+    batch = first.make_batch(first.batch_size, torch.Generator().manual_seed(5))
+    for cache in DATA_CACHES:  # rebuild the data from scratch, not from the cache
+        cache.cache_clear()
+    w = get_workload(name)
+    rng = torch.get_rng_state()
+    _assert_equal(batch, w.make_batch(w.batch_size, torch.Generator().manual_seed(5)))
+    assert torch.equal(rng, torch.get_rng_state()), "make_batch must not touch torch's global RNG"
+
+    torch.manual_seed(1)
+    model = w.make_model()
+    torch.manual_seed(1)
+    _assert_equal(list(model.state_dict().values()), list(w.make_model().state_dict().values()))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+    model.train()
+    rng = torch.get_rng_state()
+    metric = w.evaluate(model)
+    assert isinstance(metric, float) and math.isfinite(metric)
+    assert w.evaluate(model) == metric
+    assert model.training, "evaluate must put the model back in training mode"
+    assert torch.equal(rng, torch.get_rng_state())
+
+    loss = w.loss(model, batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert set(w.hyperparameters) >= {"adamw", "sgd"}
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_adamw_reaches_the_target_within_the_step_budget(name):
+    w = get_workload(name)
+    torch.manual_seed(0)
+    model = w.make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), **w.hyperparameters["adamw"])
+    start = time.perf_counter()
+    for step in range(1, w.steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        w.loss(model, w.make_batch(w.batch_size, torch.Generator().manual_seed(step))).backward()
+        optimizer.step()
+        if step % w.eval_every == 0 or step == w.steps:
+            metric = w.evaluate(model)
+            if w.reached(metric):
+                break
+    print(f"{name}: {w.metric} {metric:.4f} at step {step} of {w.steps}, {time.perf_counter() - start:.1f} s")
+    assert w.reached(metric), f"{name}: {w.metric} {metric:.4f} after {w.steps} steps, target {w.target}"
+
+
+def test_digits_split_is_stratified_80_20():
+    x_train, y_train, x_val, y_val = digits_data()
+    assert (len(y_train), len(y_val)) == (1437, 360)
+    assert x_train.shape[1:] == (1, 8, 8) and 0.0 <= x_train.min() and x_train.max() <= 1.0
+    assert torch.bincount(y_val).tolist() == pytest.approx([36] * 10, abs=1)
+
+
+def test_modadd_data_partitions_all_pairs():
+    p = 7
+    data = modadd_data(p=p, train_fraction=0.4)
+    x = torch.cat([data.x_train, data.x_val])
+    a, b = x[:, :p].argmax(1), x[:, p:].argmax(1)
+    assert len(data.y_train) == round(0.4 * p * p) and len(x) == p * p
+    assert len(set(zip(a.tolist(), b.tolist(), strict=True))) == p * p
+    assert torch.equal(torch.cat([data.y_train, data.y_val]), (a + b) % p)
+    with pytest.raises(ValueError, match="train_fraction"):
+        modadd_data(p=p, train_fraction=1.0)
+
+
+def test_pylm_splits_files_by_path_hash():
+    corpus = pylm_corpus()
+    assert not set(corpus.train_files) & set(corpus.val_files)
+    assert all(is_validation_file(f) for f in corpus.val_files)
+    assert not any(is_validation_file(f) for f in corpus.train_files)
+    assert (len(corpus.train), len(corpus.val)) == (4 * 2**20, 256 * 2**10)
+    skipped = {"site-packages", "test", "tests"}
+    assert not any(skipped & set(f.split("/")) for f in corpus.train_files + corpus.val_files)
+    everything = stdlib_sources(Path(sysconfig.get_paths()["stdlib"]))
+    assert 0.05 < sum(map(is_validation_file, everything)) / len(everything) < 0.15
+
+
+def test_untrained_byte_model_is_near_uniform():
+    torch.manual_seed(0)
+    assert bits_per_byte(ByteTransformer()) == pytest.approx(8.0, abs=0.2)
+
+
+def test_byte_transformer_is_causal_and_names_its_layers():
+    torch.manual_seed(0)
+    model = ByteTransformer(context=256, n_layers=3, d_model=64, n_heads=2)
+    names = dict(model.named_modules())
+    for name in ["embed", "pos_embed", "blocks.2.attn.qkv", "blocks.2.attn.proj", "blocks.2.mlp.fc"]:
+        assert name in names
+    for name in ["blocks.2.mlp.proj", "blocks.2.ln1", "blocks.2.ln2", "ln_f", "lm_head"]:
+        assert name in names
+    x = torch.randint(0, 256, (2, 256))
+    y = x.clone()
+    y[:, 200] = (y[:, 200] + 1) % 256
+    with torch.no_grad():
+        lx, ly = model(x), model(y)
+    assert lx.shape == (2, 256, 256)
+    assert torch.equal(lx[:, :200], ly[:, :200]) and not torch.equal(lx[:, 200:], ly[:, 200:])
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_gcn_beats_the_same_network_without_edges():
+    """The graph carries the signal: with the identity as adjacency the GCN is a feature-only MLP."""
+    graph = sbm_graph()
+    n = len(graph.labels)
+    assert torch.equal(graph.adjacency.to_dense(), graph.adjacency.to_dense().T)
+    identity = torch.sparse_coo_tensor(torch.arange(n).expand(2, n), torch.ones(n), (n, n), check_invariants=True)
+    best = {}
+    for kind, adjacency in [("gcn", graph.adjacency), ("mlp", identity)]:
+        g = dataclasses.replace(graph, adjacency=adjacency)
+        torch.manual_seed(0)
+        model = GCN()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scores = []
+        for _ in range(60):
+            optimizer.zero_grad()
+            gcn_loss(model, g).backward()
+            optimizer.step()
+            with torch.no_grad():
+                scores.append(accuracy(model(g.features, adjacency)[g.val_idx], g.labels[g.val_idx]))
+        best[kind] = max(scores)
+    assert best["gcn"] > best["mlp"] + 0.2, best
