@@ -38,7 +38,7 @@ class BenchConfig:
 
 
 def resolve_hyperparameters(
-    algorithm: str, workload: Workload, overrides: Mapping[str, Any] | None
+    algorithm: str, workload: Workload, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Paper defaults, then the workload's tuned values, then the user's overrides (validated)."""
     spec = get_spec(algorithm)
