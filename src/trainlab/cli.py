@@ -107,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=1, help="seeds per (workload, algorithm)")
     bench.add_argument("--steps", type=int, default=None, help="steps per run (default: the workload's)")
     bench.add_argument("--out", default="bench-out", help="output directory")
-    bench.add_argument("--hp", action="append", default=[], metavar="[ALG.]KEY=VALUE",
-                       help="hyperparameter override, repeatable (e.g. --hp lr=3e-4 --hp adamw.weight_decay=0.1)")
+    bench.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="[ALG.]KEY=VALUE",
+        help="hyperparameter override, repeatable (e.g. --hp lr=3e-4 --hp adamw.weight_decay=0.1)",
+    )
     bench.add_argument("--schedule", default=None, help="learning-rate schedule (see trainlab list)")
     bench.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --out")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -127,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("docs", help="regenerate the methods table (docs/methods.md)")
     docs.add_argument("--out", default="docs/methods.md")
     docs.set_defaults(func=_cmd_docs)
+
+    from trainlab.compress.cli import add_compress_parser
+
+    add_compress_parser(sub)
     return parser
 
 

@@ -57,8 +57,11 @@ def lion_half_state() -> ClaimResult:
     ratio = state_bytes(lion[0].optimizer) / state_bytes(adamw[0].optimizer)
     reached = sum(r.steps_to_target is not None for r in lion)
     return ClaimResult(
-        measured={"state bytes / AdamW's": ratio, "seeds reaching target": reached,
-                  "median steps to target": _median_steps(lion)},
+        measured={
+            "state bytes / AdamW's": ratio,
+            "seeds reaching target": reached,
+            "median steps to target": _median_steps(lion),
+        },
         baseline={"median steps to target (AdamW)": _median_steps(adamw)},
         # Lion stores only m; AdamW stores m, v and a float32 step counter per tensor.
         passed=ratio < 0.51 and reached == len(SEEDS),

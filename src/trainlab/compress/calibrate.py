@@ -1,0 +1,82 @@
+"""Calibration data and per-layer measurements taken through forward hooks, one layer at a time.
+
+A forward hook on the layer under study replaces its output by the output it would give with a candidate
+weight, so the model itself is never edited. Measuring one layer at a time is what the additivity
+hypothesis of layer-adaptive pruning needs: each distortion curve is taken with every other layer dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainlab.lab.runner import batch_generator
+from trainlab.lab.workloads.base import Workload
+from trainlab.lab.workloads.supervised import evaluating
+
+CALIBRATION_SEED = 999_983  # far from training seeds, so calibration batches are not training batches
+
+
+def calibration_inputs(workload: Workload, batches: int = 4, batch_size: int | None = None) -> list[torch.Tensor]:
+    """Model inputs of ``batches`` training batches drawn with a seed no training run uses."""
+    size = batch_size or workload.batch_size
+    return [workload.make_batch(size, batch_generator(CALIBRATION_SEED, i))[0] for i in range(batches)]
+
+
+def model_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    with evaluating(model):
+        return [model(x) for x in inputs]
+
+
+@contextmanager
+def substituted_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module`` computes its output with ``weight`` (via a forward hook)."""
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if isinstance(mod, nn.Linear):
+            return F.linear(args[0], weight, mod.bias)
+        return mod._conv_forward(args[0], weight, mod.bias)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def kl_to_dense(dense: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_dense || p) for logits whose last dimension is the class/vocabulary."""
+    p = F.log_softmax(dense.reshape(-1, dense.shape[-1]).double(), dim=-1)
+    q = F.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1)
+    return F.kl_div(q, p, log_target=True, reduction="batchmean")
+
+
+def distortion_curves(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    levels: Mapping[str, Sequence[int]],
+    weight_at: Callable[[str, int], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Output distortion E||f(x) - f_l(x)||^2 (mean over outputs) when only layer ``l`` is compressed to
+    each of its ``levels`` (``weight_at(name, level)`` gives the compressed weight); one layer at a time."""
+    dense = model_outputs(model, inputs)
+    curves: dict[str, list[float]] = {}
+    with evaluating(model):
+        for name, module in layers.items():
+            curve = []
+            for level in levels[name]:
+                with substituted_weight(module, weight_at(name, level)):
+                    err = sum(
+                        F.mse_loss(model(x), d, reduction="sum").item() for x, d in zip(inputs, dense, strict=True)
+                    )
+                curve.append(err / sum(d.numel() for d in dense))
+            curves[name] = curve
+            if progress is not None:
+                progress(1)
+    return curves

@@ -1,0 +1,139 @@
+"""From a model and calibration data to per-layer levels: the glue between allocators (pure), level
+databases and calibration measurements; plus the cached dense checkpoint the CLI and claims start from."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainlab.compress import allocate as alloc
+from trainlab.compress.calibrate import distortion_curves, kl_to_dense, model_outputs
+from trainlab.compress.plan import Plan, compressible_layers
+from trainlab.compress.prune import MagnitudeLevels, check_sparsity, kept_count
+from trainlab.lab.workloads.base import Workload
+from trainlab.lab.workloads.supervised import evaluating
+
+ALLOCATORS = ("uniform", "global", "layer-adaptive", "evopress")
+LAYER_ADAPTIVE_GRID = tuple(i / 50 for i in range(50))  # sparsity 0, 0.02, ..., 0.98 (spec P17)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/trainlab`` (or ``~/.cache/trainlab``): where dense checkpoints are reused from."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainlab"
+
+
+def trained_model(
+    workload: Workload, seed: int = 0, steps: int | None = None, cache_dir: Path | None = None, progress: bool = False
+) -> nn.Module:
+    """The workload's model trained with AdamW at its tuned hyperparameters; with ``cache_dir``, the weights
+    are reused from ``{workload}-seed{seed}-steps{steps}.pt`` when present (saved there otherwise). A cached
+    file that no longer fits the workload's model (its architecture changed) is retrained and replaced."""
+    from trainlab.lab.bench import resolve_hyperparameters
+    from trainlab.lab.runner import train
+    from trainlab.optim import create
+
+    steps = workload.steps if steps is None else steps
+    path = None if cache_dir is None else Path(cache_dir) / f"{workload.name}-seed{seed}-steps{steps}.pt"
+    if path is not None and path.exists():
+        torch.manual_seed(seed)
+        model = workload.make_model()
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model
+        except (RuntimeError, KeyError, EOFError):  # stale or truncated cache entry
+            pass
+    hp = resolve_hyperparameters("adamw", workload, None)
+    bar = tqdm(total=steps, desc=f"train {workload.name}", disable=not progress, leave=False)
+    result = train(
+        workload, lambda m: create("adamw", m.named_parameters(), **hp), seed=seed, steps=steps, progress=bar.update
+    )
+    bar.close()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result.model.state_dict(), path)
+    return result.model
+
+
+def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: m.weight.detach() for name, m in compressible_layers(model).items()}
+
+
+def calibration_kl(model: nn.Module, kept: dict[str, int], inputs: Sequence[torch.Tensor]) -> float:
+    """Mean KL(dense || magnitude-pruned at ``kept``) over the calibration inputs."""
+    pruned = copy.deepcopy(model)
+    magnitude_plan(pruned, kept).apply(pruned)
+    dense, out = model_outputs(model, inputs), model_outputs(pruned, inputs)
+    return sum(kl_to_dense(d, o).item() for d, o in zip(dense, out, strict=True)) / len(inputs)
+
+
+def allocate_magnitude(
+    model: nn.Module,
+    allocator: str,
+    sparsity: float,
+    calibration: Sequence[torch.Tensor] = (),
+    progress: bool = False,
+    **options: object,
+) -> dict[str, int]:
+    """Kept weights per compressible layer for magnitude pruning at global ``sparsity`` by ``allocator``;
+    ``options`` go to the allocator (e.g. ``min_threshold`` for global, ``generations`` for evopress)."""
+    check_sparsity(sparsity)
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose one of: {', '.join(ALLOCATORS)}")
+    weights = _layer_weights(model)
+    sizes = {k: w.numel() for k, w in weights.items()}
+    if allocator == "uniform":
+        return alloc.uniform(sizes, sparsity, **options)
+    if allocator == "global":
+        return alloc.global_magnitude(weights, sparsity, **options)
+    if not calibration:
+        raise ValueError(f"allocator {allocator!r} needs calibration inputs")
+    db = MagnitudeLevels(weights)
+    if allocator == "layer-adaptive":
+        levels = {k: sorted({kept_count(n, s) for s in LAYER_ADAPTIVE_GRID}) for k, n in sizes.items()}
+        bar = tqdm(total=len(sizes), desc="distortion curves", disable=not progress, leave=False)
+        curves = distortion_curves(model, compressible_layers(model), levels, db.weight, calibration, bar.update)
+        bar.close()
+        return alloc.layer_adaptive(sizes, {k: (levels[k], curves[k]) for k in sizes}, sparsity)
+    return _evopress(model, sizes, db, sparsity, calibration, progress, **options)
+
+
+def _evopress(
+    model: nn.Module,
+    sizes: dict[str, int],
+    db: MagnitudeLevels,
+    sparsity: float,
+    calibration: Sequence[torch.Tensor],
+    progress: bool,
+    **options: object,
+) -> dict[str, int]:
+    """Fitness = KL to the dense model; stage 0 scores every child on one calibration batch (a different one
+    each generation), the last stage on all of them (spec P8: fresh data per stage, same for all children)."""
+    work = copy.deepcopy(model)
+    layers = compressible_layers(work)
+    dense = model_outputs(model, calibration)
+
+    def fitness(kept: dict[str, int], stage: int, generation: int) -> float:
+        with torch.no_grad():
+            for name, k in kept.items():
+                layers[name].weight.copy_(db.weight(name, k))
+        picked = [generation % len(calibration)] if stage == 0 else range(len(calibration))
+        with evaluating(work):
+            return sum(kl_to_dense(dense[i], work(calibration[i])).item() for i in picked) / len(picked)
+
+    generations = int(options.get("generations", 50))
+    bar = tqdm(total=generations, desc="evopress", disable=not progress, leave=False)
+    kept = alloc.evopress(sizes, sparsity, fitness, progress=bar.update, **options)
+    bar.close()
+    return kept
+
+
+def magnitude_plan(model: nn.Module, kept: dict[str, int]) -> Plan:
+    """Per-layer magnitude rules at the sparsity ``1 - kept / n`` (replays to exactly ``kept`` weights)."""
+    sizes = {k: m.weight.numel() for k, m in compressible_layers(model).items()}
+    return Plan.from_levels("magnitude", {k: 1.0 - kept[k] / sizes[k] for k in kept})

@@ -1,0 +1,115 @@
+"""`trainlab compress`: argument errors name the argument (exit 2); runs write report.md, results.json (and a
+plot for several sparsities), reuse the cached dense checkpoint, and dispatch every method."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from trainlab.cli import main
+from trainlab.compress.pipeline import trained_model
+from trainlab.lab.workloads import get_workload
+
+STEPS = "40"  # a short dense run keeps the test fast; the checkpoint is cached per (workload, seed, steps)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(cache, out, *args):
+    return main(["compress", *args, "--steps", STEPS, "--cache-dir", str(cache), "--out", str(out), "--quiet"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "magnitude", "--sparsity", "1.5"], "--sparsity"),
+        (["--method", "magnitude", "--sparsity", "0.5,x"], "--sparsity"),
+        (["--method", "magnitude"], "--sparsity"),
+        (["--method", "nm", "--pattern", "4:2"], "--pattern"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--pattern", "2:4"], "--pattern"),
+        (["--method", "nm", "--sparsity", "0.7"], "--sparsity for --method nm must be 1 - N/M = 0.5"),
+        (["--method", "nm", "--allocator", "global"], "--allocator"),
+        (["--method", "beta-rank", "--sparsity", "0.5", "--recover", "perp"], "--recover perp"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--allocator", "greedy"], "--allocator"),
+        (["--method", "prune", "--sparsity", "0.5"], "--method"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--recover-steps", "0"], "--recover-steps"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(tmp_path, capsys, args, message):
+    argv = ["compress", "--workload", "digits-mlp", *args, "--out", str(tmp_path), "--cache-dir", str(tmp_path)]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_workload_is_an_error(tmp_path, capsys):
+    assert _run(tmp_path, tmp_path, "--workload", "nope", "--method", "magnitude", "--sparsity", "0.5") == 2
+    assert "unknown workload 'nope'" in capsys.readouterr().err
+
+
+def test_several_sparsities_write_results_report_plot_and_reuse_the_checkpoint(cache, tmp_path):
+    out = tmp_path / "a"
+    assert _run(cache, out, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.5,0.9",
+                "--allocator", "global") == 0  # fmt: skip
+    checkpoint = cache / f"digits-mlp-seed0-steps{STEPS}.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    r = json.loads((out / "results.json").read_text())
+    assert {"metric_before", "metric_after", "file_bytes_before", "file_bytes_after", "levels", "method",
+            "allocator", "sparsity"} <= set(r)  # fmt: skip
+    assert (r["method"], r["allocator"], r["sparsity"]) == ("magnitude", "global", [0.5, 0.9])
+    assert len(r["metric_after"]) == len(r["file_bytes_after"]) == len(r["levels"]) == len(r["runs"]) == 2
+    assert all(b < r["file_bytes_before"] for b in r["file_bytes_after"])
+    assert r["file_bytes_after"][1] < r["file_bytes_after"][0]
+    sizes = {"1": 64 * 128, "3": 128 * 128, "5": 128 * 10}
+    for s, levels in zip(r["sparsity"], r["levels"], strict=True):
+        assert set(levels) == set(sizes)
+        assert sum(levels[k] * n for k, n in sizes.items()) == pytest.approx(round(s * 25856), abs=0.1)
+    assert (out / "metric_vs_sparsity.png").stat().st_size > 1000
+    assert "| 0.9 |" in (out / "report.md").read_text()
+    plan = json.loads((out / "plan-magnitude-0.9.json").read_text())
+    assert [rule[0] for rule in plan] == ["1", "3", "5"]
+    # a second run reuses the cached dense checkpoint: same model, same metric, checkpoint untouched
+    assert _run(cache, tmp_path / "b", "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.9") == 0
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert again["metric_before"] == r["metric_before"] and checkpoint.stat().st_mtime_ns == stamp
+    assert not (tmp_path / "b" / "metric_vs_sparsity.png").exists()
+
+
+def test_nm_with_perp_recovery(cache, tmp_path):
+    assert _run(cache, tmp_path, "--workload", "digits-mlp", "--method", "nm", "--pattern", "2:4",
+                "--recover", "perp", "--recover-steps", "10") == 0  # fmt: skip
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert (r["sparsity"], r["recover"], r["pattern"]) == (0.5, "perp", "2:4")
+    assert r["levels"] == {"1": 0.5, "3": 0.5, "5": 0.5}
+    with safe_open(str(tmp_path / "model-nm-0.5.safetensors"), framework="pt") as f:
+        assert '"format": "nm"' in f.metadata()["trainlab.sparse"]
+
+
+@pytest.mark.parametrize("allocator", ["layer-adaptive", "evopress"])
+def test_calibrated_allocators_run(cache, tmp_path, allocator):
+    assert _run(cache, tmp_path, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.8",
+                "--allocator", allocator, "--calibration-batches", "2") == 0  # fmt: skip
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["allocator"] == allocator and r["file_bytes_after"] < r["file_bytes_before"]
+
+
+def test_structured_method_dispatches_to_sliced_export(cache, tmp_path):
+    assert _run(cache, tmp_path, "--workload", "digits-cnn", "--method", "beta-rank", "--sparsity", "0.5") == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["levels"] == {"0": 8, "2": 16, "6": 10}  # output channels: half of 16 and 32 kept, classifier whole
+    assert r["file_bytes_after"] < 0.6 * r["file_bytes_before"]
+
+
+def test_a_stale_cached_checkpoint_is_retrained(tmp_path):
+    path = tmp_path / "digits-mlp-seed0-steps5.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    model = trained_model(get_workload("digits-mlp"), 0, 5, tmp_path)
+    assert torch.equal(torch.load(path, weights_only=True)["1.weight"], model[1].weight)
