@@ -51,7 +51,7 @@ def _pruned(workload: str, allocator: str, s: float, calibration: list[torch.Ten
 
 @register_claim(
     "global-mp-beats-uniform-90",
-    method="global-mp",
+    method="global",
     paper=GLOBAL_MP,
     fast=False,
     promise="One global magnitude threshold with a per-layer minimum (MT) beats uniform layer-wise magnitude "

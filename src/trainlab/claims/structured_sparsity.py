@@ -80,7 +80,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 @register_claim(
     "pgf-beats-srste-high-nm",
-    method="pgf",
+    method="mdgf",
     paper=PGF,
     fast=False,
     promise="Progressive Gradient Flow (MDGF, exponential mask decay) trains N:M sparse networks to higher accuracy "

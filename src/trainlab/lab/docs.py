@@ -26,6 +26,10 @@ def render_methods_table() -> str:
         defaults = ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
         own = ", ".join(f"`{c.name}`" for c in claims if c.method == name) or "-"
         lines.append(f"| `{name}` | {spec.paper} | {spec.summary} | {defaults} | {own} |")
+    lines += ["", "## Compression", "", "| name | kind | claims |", "|---|---|---|"]
+    for name, kind in _compression_methods():
+        own = ", ".join(f"`{c.name}`" for c in claims if c.method == name) or "-"
+        lines.append(f"| `{name}` | {kind} | {own} |")
     lines += ["", "## Claims", "", "| claim | method | paper | promise | fast |", "|---|---|---|---|---|"]
     for c in claims:
         lines.append(f"| `{c.name}` | {c.method} | {c.paper} | {c.promise} | {'yes' if c.fast else 'no'} |")
@@ -37,6 +41,19 @@ def render_methods_table() -> str:
         lines.append(f"| `{name}` | {w.description} | {w.metric} ({better} is better) | {w.target} | {w.steps}"
                      f" | {w.batch_size} |")
     return "\n".join(lines) + "\n"
+
+
+def _compression_methods() -> list[tuple[str, str]]:
+    from trainlab.compress import sparse_training
+    from trainlab.compress.cli import METHODS, RECOVERY, STRUCTURED
+    from trainlab.compress.pipeline import ALLOCATORS
+
+    return (
+        [(m, "`trainlab compress --method`" + (", structured (sliced)" if m in STRUCTURED else "")) for m in METHODS]
+        + [(a, "`--allocator` (per-layer budget)") for a in ALLOCATORS]
+        + [(r, "`--recover` (retraining)") for r in RECOVERY]
+        + [(m, "N:M sparse training (`NMSchedule(method=...)`)") for m in sparse_training.METHODS]
+    )
 
 
 def write_methods_table(path: Path) -> Path:
