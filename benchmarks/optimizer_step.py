@@ -7,10 +7,14 @@ A ~10M-parameter stack of 1024x1024 linear layers gets fixed random gradients; e
 - ``lion``, ``diffgrad``, ``spam``, ``stable-spam`` vs the same optimizers of the ``pytorch_optimizer``
   package, timed with its default settings and with ``foreach=True``; the faster of the two is the baseline
   (goal: ratio <= 1.0);
-- every name in `EXTRA_ROWS` that is registered (``muon`` vs ``torch.optim.Muon``), on a bias-free model.
+- ``muon`` vs ``pytorch_optimizer.Muon`` with the same routing (matrices to Muon, biases to its AdamW with
+  the same lr/betas/eps), the same 5 Newton–Schulz steps with Keller Jordan's coefficients and the same
+  shape scaling. pytorch_optimizer iterates in bfloat16; ours in float32 on the CPU by default, so Muon has
+  two rows: the default, and ``scale_by_muon(ns_dtype=torch.bfloat16)`` (the same precision as the baseline).
 
 "Traffic" is the least memory an optimizer step must move: read the gradient, read and write the parameter
-and every state tensor. Its rate is compared with a plain copy of the parameters (read + write).
+and every state tensor. Its rate is compared with ``torch._foreach_copy_`` over tensors of the parameters'
+sizes (read + write), timed interleaved with the optimizer steps of the same row, so both see the same load.
 
     python benchmarks/optimizer_step.py --threads 1 --out benchmarks/results/optimizer_step.md
 """
@@ -39,8 +43,10 @@ class Row:
     ours: str  # registered trainlab name
     baselines: dict[str, Factory]  # label -> factory; the fastest is the baseline
     goal: float
-    bias: bool = True  # Muon-style rows need matrices only
+    bias: bool = True
     repeats: int | None = None  # None: --repeats
+    label: str | None = None  # the row's name, when it is not ``ours``
+    tweak: Callable[[torch.optim.Optimizer], None] | None = None  # applied to our optimizer once built
 
 
 def _pytorch_optimizer(name: str) -> dict[str, Factory]:
@@ -58,22 +64,40 @@ def _pytorch_optimizer(name: str) -> dict[str, Factory]:
     }
 
 
+def _pytorch_optimizer_muon() -> dict[str, Factory]:
+    """pytorch_optimizer.Muon with our recipe's routing: 2-D parameters to Muon, the rest to its AdamW.
+
+    Its defaults are ours: lr 0.02, momentum 0.95, Nesterov, 5 steps of the (3.4445, -4.7750, 2.0315)
+    iteration, lr scaled by max(1, rows/cols)^0.5; AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-10, no decay.
+    """
+    try:
+        from pytorch_optimizer import Muon
+    except ImportError:
+        return {}
+
+    def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        matrices = [p for p in params if p.ndim >= 2]
+        others = [p for p in params if p.ndim < 2]
+        return Muon([{"params": matrices, "use_muon": True}, {"params": others, "use_muon": False}])
+
+    return {"pytorch_optimizer.Muon (NS in bf16)": factory}
+
+
+def _muon_ns_bf16(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.chains["muon"].transforms[-1].ns_dtype = torch.bfloat16  # type: ignore[attr-defined]
+
+
 def _rows() -> list[Row]:
-    rows = [
+    # Newton–Schulz on ten 1024x1024 matrices takes seconds per step on a CPU core, hence the few repeats.
+    return [
         Row("adamw", {"torch.optim.AdamW(foreach=True)": lambda p: torch.optim.AdamW(p, foreach=True)}, 1.1),
         Row("lion", _pytorch_optimizer("Lion"), 1.0),
         Row("diffgrad", _pytorch_optimizer("DiffGrad"), 1.0),
         Row("spam", _pytorch_optimizer("SPAM"), 1.0),
         Row("stable-spam", _pytorch_optimizer("StableSPAM"), 1.0),
+        Row("muon", _pytorch_optimizer_muon(), 1.0, repeats=5, label="muon (NS fp32, our CPU default)"),
+        Row("muon", _pytorch_optimizer_muon(), 1.0, repeats=5, label="muon (NS bf16)", tweak=_muon_ns_bf16),
     ]
-    return rows + [row for name, row in EXTRA_ROWS.items() if name in optimizer_names()]
-
-
-# Hook for recipes written elsewhere: a row is benchmarked as soon as its name is registered.
-# Newton–Schulz on ten 1024x1024 matrices takes seconds per step on a CPU core, hence the few repeats.
-EXTRA_ROWS: dict[str, Row] = {
-    "muon": Row("muon", {"torch.optim.Muon": lambda p: torch.optim.Muon(p)}, 1.1, bias=False, repeats=3),
-}
 
 
 def make_model(width: int, depth: int, bias: bool) -> nn.Module:
@@ -84,17 +108,16 @@ def make_model(width: int, depth: int, bias: bool) -> nn.Module:
     return model
 
 
-def copy_bandwidth(params: list[torch.Tensor], repeats: int) -> float:
-    """Bytes per second of ``dst.copy_(src)`` over tensors of the parameters' sizes (read + write)."""
-    src = [p.detach().clone() for p in params]
-    dst = [torch.empty_like(p) for p in params]
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        torch._foreach_copy_(dst, src)
-        times.append(time.perf_counter() - t0)
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    return 2 * nbytes / statistics.median(times[2:])
+class _Copy:
+    """A pseudo-optimizer whose step is ``dst.copy_(src)`` over tensors of the parameters' sizes."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.src = [p.detach().clone() for p in params]
+        self.dst = [torch.empty_like(p) for p in params]
+        self.nbytes = 2 * sum(p.numel() * p.element_size() for p in params)  # read + write
+
+    def step(self) -> None:
+        torch._foreach_copy_(self.dst, self.src)
 
 
 def measure(model: nn.Module, factories: dict[str, Factory], warmup: int, repeats: int) -> dict[str, float]:
@@ -125,40 +148,55 @@ def traffic_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return 3 * param_bytes + 2 * state_bytes(optimizer)
 
 
-def bench_row(row: Row, args: argparse.Namespace, copy_rate: float) -> str:
-    """One table line: our step time, the fastest baseline's, their ratio and our traffic rate."""
+def bench_row(row: Row, args: argparse.Namespace) -> str:
+    """One table line: our step time, the fastest baseline's, their ratio and our traffic rate vs copy_."""
     model = make_model(args.width, args.depth, row.bias)
-    ours = f"trainlab {row.ours}"
-    factories = {ours: lambda p: create(row.ours, p), **row.baselines}
+    label = row.label or row.ours
+    ours = f"trainlab {label}"
+
+    def build(p: list[nn.Parameter]) -> torch.optim.Optimizer:
+        optimizer = create(row.ours, p)
+        if row.tweak is not None:
+            row.tweak(optimizer)
+        return optimizer
+
+    copier = _Copy(list(model.parameters()))
+    factories = {ours: build, **row.baselines, "copy_": lambda p: copier}  # type: ignore[dict-item]
     timed = measure(model, factories, args.warmup, row.repeats or args.repeats)
     ours_s = timed.pop(ours)
-    optimizer = create(row.ours, list(model.parameters()))
+    copy_rate = copier.nbytes / timed.pop("copy_")
+    optimizer = build(list(model.parameters()))
     optimizer.step()  # materializes the state whose bytes count as traffic
     rate = traffic_bytes(model, optimizer) / ours_s
     if timed:
-        label, base_s = min(timed.items(), key=lambda kv: kv[1])
+        base_label, base_s = min(timed.items(), key=lambda kv: kv[1])
         ratio = ours_s / base_s
-        base = f"{label} | {base_s * 1e3:.1f} | {ratio:.2f}{'' if ratio <= row.goal else ' (over)'} | <= {row.goal}"
+        over = "" if ratio <= row.goal else " (over)"
+        base = f"{base_label} | {base_s * 1e3:.1f} | {ratio:.2f}{over} | <= {row.goal}"
     else:
-        base = "(none: pytorch_optimizer lacks it) | | | "
-    return f"| {row.ours} | {base} | {ours_s * 1e3:.1f} | {rate / 1e9:.2f} | {100 * rate / copy_rate:.0f}% |"
+        base = "(none: pytorch_optimizer not installed or lacks it) | | | "
+    return (
+        f"| {label} | {base} | {ours_s * 1e3:.1f} | {rate / 1e9:.2f} | {copy_rate / 1e9:.2f} "
+        f"| {100 * rate / copy_rate:.0f}% |"
+    )
 
 
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
-    copy_rate = copy_bandwidth(list(make_model(args.width, args.depth, True).parameters()), args.repeats)
     lines = [
         f"Optimizer step on {args.depth} x Linear({args.width}, {args.width}), torch {torch.__version__}, "
-        f"{args.threads} thread(s), median of {args.repeats} steps after {args.warmup} warmup steps "
-        "(steps of ours and the baselines alternate).",
+        f"{args.threads} thread(s), median of {args.repeats} steps (Muon: 5) after {args.warmup} warmup steps "
+        "(steps of ours, the baselines and a copy_ of the parameters alternate).",
         "",
-        "| ours | baseline | baseline ms | ratio | goal | ours ms | ours traffic GB/s | % of copy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| ours | baseline | baseline ms | ratio | goal | ours ms | ours traffic GB/s | copy_ GB/s | % of copy_ |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    names = set(optimizer_names())
     for row in _rows():
-        lines.append(bench_row(row, args, copy_rate))
+        if row.ours not in names or (args.only and row.ours not in args.only):
+            continue
+        lines.append(bench_row(row, args))
         print(lines[-1], flush=True)
-    lines += ["", f"Plain copy of the parameters: {copy_rate / 1e9:.2f} GB/s (read + write)."]
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +207,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", nargs="*", default=None, help="registered names of the rows to run")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     table = run(args)

@@ -96,8 +96,19 @@ def main() -> None:
     for context in args.contexts:
         cell = {}
         for method in METHODS:
-            cmd = [sys.executable, __file__, "--worker", method, str(context), "--batch", str(args.batch),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                str(context),
+                "--batch",
+                str(args.batch),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
             cell[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         std, sbp = cell["standard"], cell["streambp"]
         lines.append(

@@ -89,22 +89,58 @@ class ChainOptimizer(torch.optim.Optimizer):
                         "(e.g. nn.Embedding(sparse=False))"
                     )
             chain = self.chains[group["chain"]]
-            per_param = [self.state[p] for p in params]
-            for p, st in zip(params, per_param, strict=True):
-                if not st:
-                    st.update(chain.init(p, group))
-            keys = per_param[0].keys()
-            state = {k: [st[k] for st in per_param] for k in keys}
-            updates, state = chain.update([p.grad for p in params], state, params, group)
-            for k, tensors in state.items():
-                for st, t in zip(per_param, tensors, strict=True):
-                    st[k] = t
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
-                torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(chain.init(p, group))
+            if chain.per_parameter and params[0].device.type == "cpu":
+                for bucket in _cache_sized(params):
+                    self._step_chain(chain, bucket, group)
             else:
-                torch._foreach_add_(params, updates, alpha=-lr)
+                self._step_chain(chain, params, group)
         return loss
+
+    def _step_chain(self, chain: GradientTransform, params: list[Tensor], group: dict[str, Any]) -> None:
+        per_param = [self.state[p] for p in params]
+        keys = per_param[0].keys()
+        state = {k: [st[k] for st in per_param] for k in keys}
+        updates, state = chain.update([p.grad for p in params], state, params, group)
+        for k, tensors in state.items():
+            for st, t in zip(per_param, tensors, strict=True):
+                st[k] = t
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+        else:
+            torch._foreach_add_(params, updates, alpha=-lr)
+
+
+# On the CPU a foreach op sweeps its whole list before the next op starts, so with many megabytes of
+# parameters every op streams the gradient, the state and the temporaries from DRAM again. A chain whose
+# transforms are all per-parameter gives the same result when run on slices of the list, and on slices of
+# about this many parameter bytes (each with its gradient, state and temporaries) the ops after the first
+# find their operands in cache: about 2x faster on ten 1024x1024 float32 matrices.
+CPU_BUCKET_BYTES = 1 << 21
+
+
+def _cache_sized(params: list[Tensor]) -> list[list[Tensor]]:
+    """Slices of ``params``: each tensor of CPU_BUCKET_BYTES or more alone, the smaller ones gathered into
+    slices of at most CPU_BUCKET_BYTES (fewer slices, less Python overhead per step)."""
+    buckets: list[list[Tensor]] = []
+    small: list[Tensor] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if nbytes >= CPU_BUCKET_BYTES:
+            buckets.append([p])
+            continue
+        if small and size + nbytes > CPU_BUCKET_BYTES:
+            buckets.append(small)
+            small, size = [], 0
+        small.append(p)
+        size += nbytes
+    if small:
+        buckets.append(small)
+    return buckets
 
 
 # torch's load_state_dict casts every state tensor to its parameter's dtype and device, except a key named

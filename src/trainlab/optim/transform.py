@@ -13,7 +13,14 @@ Contract of a transform:
   tensors, one per parameter, in the order of ``params``. It returns ``(updates, state)``; state tensors
   may be updated in place or replaced by new tensors in the returned dict.
 - It must never write into the tensors of its input ``updates`` unless it created them itself: the first
-  transform of a chain receives the parameters' ``.grad`` tensors, which belong to the user.
+  transform of a chain receives the parameters' ``.grad`` tensors, which belong to the user. The one
+  exception is a `Scratch` list: a transform that returns tensors it allocated for this step alone (no
+  state, no caller holds them) wraps them in `Scratch`, and the next transform may overwrite them in place
+  instead of allocating its own output (on the CPU, every fresh full-size buffer costs page faults).
+- ``per_parameter``: True when each parameter's update depends only on its own gradient, state and value
+  (no cross-parameter reduction). A chain of such transforms is run by `ChainOptimizer` on cache-sized
+  slices of the parameter list on the CPU (same arithmetic, far less memory traffic). Subclasses that
+  couple parameters must set it back to False.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ from torch import Tensor
 State = dict[str, list[Tensor]]
 
 
+class Scratch(list):
+    """Updates the chain allocated for this step alone; the transform that receives them may write into them."""
+
+
 class GradientTransform:
     """Base class of all transforms: stateless identity unless overridden."""
 
     name: ClassVar[str] = "transform"
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
+    per_parameter: ClassVar[bool] = False
 
     def all_hyperparameters(self) -> dict[str, Any]:
         """The param-group keys this transform (and any transform inside it) reads, with defaults."""
@@ -61,6 +73,7 @@ class Chain(GradientTransform):
         names = [t.name for t in transforms]
         # Readable state keys ("scale_by_adam.exp_avg"); the position disambiguates repeated transforms.
         self.prefixes = [f"{n}." if names.count(n) == 1 else f"{i}.{n}." for i, n in enumerate(names)]
+        self.per_parameter = all(t.per_parameter for t in transforms)  # type: ignore[misc]
 
     def all_hyperparameters(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}

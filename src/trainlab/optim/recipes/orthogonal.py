@@ -58,9 +58,7 @@ def _check_adamw(hp: dict[str, Any]) -> None:
             raise ValueError(f"exclude is not a valid regular expression ({err}): {exclude!r}") from None
 
 
-def _matrices_with_adamw(
-    params: Any, method: str, transform: GradientTransform, hp: dict[str, Any]
-) -> ChainOptimizer:
+def _matrices_with_adamw(params: Any, method: str, transform: GradientTransform, hp: dict[str, Any]) -> ChainOptimizer:
     """One optimizer: ``method``'s chain on the routed matrices, AdamW (own lr/betas/eps/wd) on the rest."""
     _check_adamw(hp)
     _in_range("momentum", hp["momentum"], 0.0, 1.0)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
+from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, step_counts
 
 
 def update_moments_(m: list[Tensor], v: list[Tensor], updates: list[Tensor], betas: Sequence[float]) -> None:
@@ -41,14 +41,24 @@ def bias_corrections(
 
 
 def adam_ratio(
-    numerators: list[Tensor], v: list[Tensor], eps: float, a: Sequence[float], b: Sequence[float]
+    numerators: list[Tensor],
+    v: list[Tensor],
+    eps: float,
+    a: Sequence[float],
+    b: Sequence[float],
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """``a·n / (b·sqrt(v) + eps)`` per tensor (``a``, ``b`` per-tensor scalars), as new tensors.
+    """``a·n / (b·sqrt(v) + eps)`` per tensor (``a``, ``b`` per-tensor scalars), as new tensors or in ``out``.
 
-    Computed as ``n · 1/((b/a)·sqrt(v) + eps/a)`` in one freshly allocated buffer: on the CPU the page
-    faults of a second full-size allocation per step cost more than the extra reciprocal pass.
+    Computed as ``n · 1/((b/a)·sqrt(v) + eps/a)`` in one buffer: on the CPU the page faults of a second
+    full-size allocation per step cost more than the extra reciprocal pass. ``out`` (e.g. a `Scratch`
+    list whose values are no longer needed, but not ``numerators``) saves that one allocation too.
     """
-    out = torch._foreach_sqrt(v)
+    if out is None:
+        out = torch._foreach_sqrt(v)
+    else:
+        for o, vi in zip(out, v, strict=True):
+            torch.sqrt(vi, out=o)
     torch._foreach_mul_(out, [bi / ai for ai, bi in zip(a, b, strict=True)])
     torch._foreach_add_(out, [eps / ai for ai in a])
     torch._foreach_reciprocal_(out)
@@ -60,6 +70,7 @@ class ScaleByAdam(GradientTransform):
     """``u = m_hat / (sqrt(v_hat) + eps)`` with EMAs m, v of the update and its square."""
 
     name = "scale_by_adam"
+    per_parameter = True
     hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -75,7 +86,8 @@ class ScaleByAdam(GradientTransform):
         steps = step_counts(state)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         update_moments_(m, v, updates, group["betas"])
-        return adam_ratio(m, v, group["eps"], *bias_corrections(steps, group["betas"])), state
+        out = updates if isinstance(updates, Scratch) else None  # spent once in the moments: reuse them
+        return Scratch(adam_ratio(m, v, group["eps"], *bias_corrections(steps, group["betas"]), out=out)), state
 
 
 def scale_by_adam() -> ScaleByAdam:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, State
+from trainlab.optim.transform import GradientTransform, Scratch, State
 
 LION_K = ("l1", "l2")
 
@@ -24,6 +24,7 @@ class ScaleByLion(GradientTransform):
     """
 
     name = "scale_by_lion"
+    per_parameter = True
     hyperparameters = {"betas": (0.9, 0.99)}
 
     def __init__(self, k: str = "l1") -> None:
@@ -45,7 +46,7 @@ class ScaleByLion(GradientTransform):
         else:  # a zero c stays zero: its norm is clamped away from 0
             torch._foreach_div_(c, torch._foreach_clamp_min(torch._foreach_norm(c), torch.finfo(c[0].dtype).tiny))
         torch._foreach_lerp_(m, updates, 1 - beta2)
-        return list(c), state
+        return Scratch(c), state
 
 
 def scale_by_lion(k: str = "l1") -> ScaleByLion:

@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, State
+from trainlab.optim.transform import GradientTransform, Scratch, State
 
 
 class TraceMomentum(GradientTransform):
     """``b = momentum * b + (1 - dampening) * u`` (b starts at the first u); Nesterov uses ``u + momentum * b``."""
 
     name = "trace_momentum"
+    per_parameter = True
     hyperparameters = {"momentum": 0.9, "dampening": 0.0, "nesterov": False}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -38,7 +39,10 @@ class TraceMomentum(GradientTransform):
             torch._foreach_mul_(sub_bufs, mu)
             torch._foreach_add_(sub_bufs, [updates[i] for i in running], alpha=1 - damp)
         if nesterov:
-            return torch._foreach_add(updates, bufs, alpha=mu), state
+            if isinstance(updates, Scratch):  # e.g. the L2-decayed copies: ours to overwrite
+                torch._foreach_add_(updates, bufs, alpha=mu)
+                return updates, state
+            return Scratch(torch._foreach_add(updates, bufs, alpha=mu)), state
         return list(bufs), state
 
 

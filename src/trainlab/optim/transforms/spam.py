@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
+from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, step_counts
 from trainlab.optim.transforms.adam import ScaleByAdam, adam_ratio, bias_corrections, update_moments_
 
 
@@ -46,7 +46,9 @@ class ScaleByAdamWithResets(ScaleByAdam):
         if due:
             torch._foreach_zero_([m[i] for i in due] + [v[i] for i in due])
         update_moments_(m, v, updates, group["betas"])
-        return adam_ratio(m, v, group["eps"], *self.scales(steps, group)), state
+        # Updates that the previous transform allocated are spent once in the moments: reuse them.
+        out = updates if isinstance(updates, Scratch) else None
+        return Scratch(adam_ratio(m, v, group["eps"], *self.scales(steps, group), out=out)), state
 
     def scales(self, steps: Sequence[float], group: Mapping[str, Any]) -> tuple[list[float], list[float]]:
         """The `adam_ratio` scales at global steps ``steps``: here with the count since the last reset."""
@@ -91,6 +93,7 @@ class ClipSpikes(GradientTransform):
     """
 
     name = "clip_spikes"
+    per_parameter = True
     hyperparameters = {"theta": 5000.0, "n_acc": 20}
 
     def __init__(self, inner: ScaleByAdamWithResets) -> None:
@@ -141,6 +144,7 @@ class ClipSpikesAdaptive(GradientTransform):
     """
 
     name = "clip_spikes_adaptive"
+    per_parameter = True
     hyperparameters = {"gamma3": 0.999}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -156,13 +160,20 @@ class ClipSpikesAdaptive(GradientTransform):
         limits = torch._foreach_div(state["max_abs_avg"], [1 - gamma3**k for k in steps])
         # torch has no foreach select: one where per tensor, all in one new buffer (fresh allocations
         # cost page faults on the CPU). Where nothing is selected, lim/peak may be inf or nan, unused.
+        # No entry exceeds the limit when max|g| does not; on the CPU, where reading that flag is not a
+        # device sync, such a tensor (most of them on most steps) passes through without the four passes.
+        on_cpu = updates[0].device.type == "cpu"
         clipped = []
         for g, lim, peak in zip(updates, limits, peaks, strict=True):
+            if on_cpu and bool(peak <= lim):  # a nan takes the where below, as before
+                clipped.append(g)
+                continue
             out = g.abs()
             spikes = out > lim
             torch.mul(g, lim / peak, out=out)
             clipped.append(torch.where(spikes, out, g, out=out))
-        return clipped, state
+        owned = isinstance(updates, Scratch) or all(c is not g for c, g in zip(clipped, updates, strict=True))
+        return (Scratch(clipped) if owned else clipped), state
 
 
 class NormalizeGradientNorm(GradientTransform):
@@ -174,6 +185,7 @@ class NormalizeGradientNorm(GradientTransform):
     """
 
     name = "normalize_gradient_norm"
+    per_parameter = True
     hyperparameters = {"gamma1": 0.7, "gamma2": 0.9, "eps": 1e-8}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -199,7 +211,11 @@ class NormalizeGradientNorm(GradientTransform):
         torch._foreach_mul_(denom, [1 - gamma1**k for k in steps])
         # Divide by ‖g‖, or by 1 where g is all zeros (0/0 would poison the update).
         torch._foreach_mul_(denom, torch._foreach_add(norms, torch._foreach_add(torch._foreach_neg(active), 1.0)))
-        return list(torch._foreach_mul(updates, torch._foreach_div(state["norm_avg"], denom))), state
+        factors = torch._foreach_div(state["norm_avg"], denom)
+        if isinstance(updates, Scratch):  # the clipped copies are ours to overwrite
+            torch._foreach_mul_(updates, factors)
+            return updates, state
+        return Scratch(torch._foreach_mul(updates, factors)), state
 
 
 def scale_by_adam_with_resets() -> ScaleByAdamWithResets:

@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, State
+from trainlab.optim.transform import GradientTransform, Scratch, State
 
 
 class AddWeightDecay(GradientTransform):
     """L2 regularization: ``u = g + weight_decay * p`` (torch.optim.SGD/Adam semantics)."""
 
     name = "add_weight_decay"
+    per_parameter = True
     hyperparameters = {"weight_decay": 0.0}
 
     def update(
@@ -23,7 +24,10 @@ class AddWeightDecay(GradientTransform):
         wd = group["weight_decay"]
         if wd == 0:
             return updates, state
-        return torch._foreach_add(updates, params, alpha=wd), state
+        if isinstance(updates, Scratch):
+            torch._foreach_add_(updates, params, alpha=wd)
+            return updates, state
+        return Scratch(torch._foreach_add(updates, params, alpha=wd)), state
 
 
 class DecoupledWeightDecay(GradientTransform):
@@ -34,6 +38,7 @@ class DecoupledWeightDecay(GradientTransform):
     """
 
     name = "decoupled_weight_decay"
+    per_parameter = True
     hyperparameters = {"weight_decay": 1e-2}
 
     def update(
