@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -56,6 +58,28 @@ def test_curve_and_time_to_target(tiny):
     assert result.best_metric == max(p["metric"] for p in result.curve)
 
 
+def test_evaluation_and_data_loading_are_off_the_clock(tiny):
+    def slow(fn, seconds):
+        def wrapped(*args):
+            time.sleep(seconds)
+            return fn(*args)
+
+        return wrapped
+
+    # Six evaluations of 0.2 s and a first batch of 0.5 s (data loading) would add 1.7 s to the clock.
+    calls = []
+
+    def first_call_loads(*args):
+        if not calls:
+            time.sleep(0.5)
+        calls.append(args)
+        return tiny.make_batch(*args)
+
+    slowed = dataclasses.replace(tiny, evaluate=slow(tiny.evaluate, 0.2), make_batch=first_call_loads)
+    result = train(slowed, _adamw, seed=0)
+    assert result.wall_time_s < 0.5 and result.wall_time_s >= sum(result.step_times_s)
+
+
 def test_stop_at_target_stops_early(tiny):
     result = train(tiny, _adamw, seed=0, stop_at_target=True)
     assert result.curve[-1]["step"] == result.steps_to_target < 60
@@ -68,8 +92,7 @@ def test_divergence_is_recorded_with_its_step_and_checkpointed(tiny, tmp_path):
                 p.grad.fill_(float("nan"))
 
     ckpt = tmp_path / "div.pt"
-    result = train(tiny, lambda m: create("sgd", m.parameters(), lr=0.1), seed=0, on_gradients=explode,
-                   checkpoint=ckpt)
+    result = train(tiny, lambda m: create("sgd", m.parameters(), lr=0.1), seed=0, on_gradients=explode, checkpoint=ckpt)
     # step 13 (0-based) poisons the weights, so the loss of step 15 (1-based) is the first non-finite one
     assert result.diverged and result.diverged_at == 15
     assert len(result.train_losses) == 15 and math.isnan(result.train_losses[-1])

@@ -72,6 +72,7 @@ def train(
     gradient spikes); ``loss_fn`` replaces the workload's loss. A non-finite training loss ends the
     run, recorded as diverged at that step. With ``checkpoint`` set, the full state is saved every
     ``checkpoint_every`` steps (and on divergence); ``resume`` continues from it bit for bit.
+    Wall times count training only: loading the data and evaluating happen off the clock.
     """
     steps = workload.steps if steps is None else steps
     batch_size = workload.batch_size if batch_size is None else batch_size
@@ -90,8 +91,9 @@ def train(
         run = _load_checkpoint(checkpoint, model, optimizer, scheduler)
 
     pending: list[torch.Tensor] = []  # losses since the last evaluation, synced only at evaluations
-    start = time.perf_counter() - run.elapsed_s
     step = run.step
+    workload.make_batch(batch_size, batch_generator(seed, step))  # loads the data before the clock starts
+    start = time.perf_counter() - run.elapsed_s
     while step < steps and run.diverged_at is None:
         batch = workload.make_batch(batch_size, batch_generator(seed, step))
         t0 = time.perf_counter()
@@ -113,7 +115,9 @@ def train(
         if progress is not None:
             progress(1)
         if step % eval_every == 0 or step == steps:
-            _evaluate(workload, model, run, pending, step, time.perf_counter() - start)
+            paused = time.perf_counter()
+            _evaluate(workload, model, run, pending, step, paused - start)
+            start += time.perf_counter() - paused  # as in AlgoPerf, evaluation time is not training time
             pending = []
             if run.diverged_at is None and stop_at_target and run.steps_to_target is not None:
                 break
@@ -166,9 +170,7 @@ def _evaluate(
     metric = float("nan") if bad else workload.evaluate(model)
     if not math.isfinite(metric) and not bad:
         run.diverged_at = step
-    run.curve.append(
-        {"step": step, "wall_time_s": wall, "train_loss": sum(losses) / len(losses), "metric": metric}
-    )
+    run.curve.append({"step": step, "wall_time_s": wall, "train_loss": sum(losses) / len(losses), "metric": metric})
     if run.steps_to_target is None and math.isfinite(metric) and workload.reached(metric):
         run.steps_to_target, run.time_to_target_s = step, wall
 
