@@ -1,6 +1,7 @@
 """Optimizers as chains of gradient transforms behind one `torch.optim.Optimizer`."""
 
 from trainlab.optim import recipes  # noqa: F401  (registers every named optimizer)
+from trainlab.optim.accounting import state_bytes
 from trainlab.optim.optimizer import ChainOptimizer
 from trainlab.optim.registry import OptimizerSpec, create, get_spec, optimizer_names, register_optimizer
 from trainlab.optim.routing import matrices_to, partition
@@ -18,4 +19,5 @@ __all__ = [
     "optimizer_names",
     "partition",
     "register_optimizer",
+    "state_bytes",
 ]

@@ -10,9 +10,9 @@ dimensionality rule applies.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from trainlab.optim import checks
 from trainlab.optim.optimizer import ChainOptimizer
 from trainlab.optim.registry import create, get_spec, register_optimizer
 from trainlab.optim.routing import matrices_to, partition
@@ -34,35 +34,19 @@ ORTHOGRAD_PAPER = "Grokking at the Edge of Numerical Stability (Prieto, Barsbey,
 EMBEDDINGS_AND_HEADS = r"(^|\.)(\w*embed\w*|lm_head|head|wte|wpe)(\.|$)"
 
 
-def _in_range(name: str, value: Any, low: float, high: float) -> None:
-    if not (isinstance(value, int | float) and low <= value < high):
-        raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
-
-
 def _check_adamw(hp: dict[str, Any]) -> None:
-    betas = hp["adamw_betas"]
-    if not (isinstance(betas, tuple | list) and len(betas) == 2):
-        raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        _in_range(f"adamw_betas[{i}]", b, 0.0, 1.0)
-    _in_range("adamw_eps", hp["adamw_eps"], 0.0, float("inf"))
-    _in_range("adamw_weight_decay", hp["adamw_weight_decay"], 0.0, float("inf"))
-    _in_range("adamw_lr", hp["adamw_lr"], 0.0, float("inf"))
-    exclude = hp["exclude"]
-    if exclude is not None:
-        if not isinstance(exclude, str):
-            raise ValueError(f"exclude must be a regular expression string or None, got {exclude!r}")
-        try:
-            re.compile(exclude)
-        except re.error as err:
-            raise ValueError(f"exclude is not a valid regular expression ({err}): {exclude!r}") from None
+    checks.betas("adamw_betas", hp["adamw_betas"])
+    checks.in_range("adamw_eps", hp["adamw_eps"], 0.0, float("inf"))
+    checks.in_range("adamw_weight_decay", hp["adamw_weight_decay"], 0.0, float("inf"))
+    checks.in_range("adamw_lr", hp["adamw_lr"], 0.0, float("inf"))
+    checks.regex_or_none("exclude", hp["exclude"])
 
 
 def _matrices_with_adamw(params: Any, method: str, transform: GradientTransform, hp: dict[str, Any]) -> ChainOptimizer:
     """One optimizer: ``method``'s chain on the routed matrices, AdamW (own lr/betas/eps/wd) on the rest."""
     _check_adamw(hp)
-    _in_range("momentum", hp["momentum"], 0.0, 1.0)
-    _in_range("weight_decay", hp["weight_decay"], 0.0, float("inf"))
+    checks.in_range("momentum", hp["momentum"], 0.0, 1.0)
+    checks.in_range("weight_decay", hp["weight_decay"], 0.0, float("inf"))
     hp = dict(hp)
     adamw = {
         "lr": hp.pop("adamw_lr"),
@@ -97,8 +81,7 @@ MUON_ADAMW = {"adamw_lr": 3e-4, "adamw_betas": (0.9, 0.95), "adamw_eps": 1e-10, 
     },
 )
 def muon(params: Any, **hp: Any) -> ChainOptimizer:
-    if not isinstance(hp["ns_steps"], int) or hp["ns_steps"] < 1:
-        raise ValueError(f"ns_steps must be a positive integer, got {hp['ns_steps']!r}")
+    checks.positive_int("ns_steps", hp["ns_steps"])
     return _matrices_with_adamw(params, "muon", scale_by_muon(), hp)
 
 

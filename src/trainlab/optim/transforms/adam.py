@@ -72,6 +72,7 @@ class ScaleByAdam(GradientTransform):
     name = "scale_by_adam"
     per_parameter = True
     hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8}
+    raw_eps = False  # True: eps on the uncorrected sqrt(v) (see `bias_corrections`)
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         return {
@@ -87,7 +88,8 @@ class ScaleByAdam(GradientTransform):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         update_moments_(m, v, updates, group["betas"])
         out = updates if isinstance(updates, Scratch) else None  # spent once in the moments: reuse them
-        return Scratch(adam_ratio(m, v, group["eps"], *bias_corrections(steps, group["betas"]), out=out)), state
+        scales = bias_corrections(steps, group["betas"], raw_eps=self.raw_eps)
+        return Scratch(adam_ratio(m, v, group["eps"], *scales, out=out)), state
 
 
 def scale_by_adam() -> ScaleByAdam:

@@ -1,0 +1,329 @@
+"""Low-rank and subspace optimizers as one combinator: ``project → inner transform → project back``.
+
+`ProjectSubspace` serves GaLore (SVD projector, inactive part dropped, moments kept across refreshes)
+and FRUGAL (SVD, random-coordinate or block projector, state-free signSGD on the residual, moments reset
+on refresh). Per matrix ``G`` (m×n, viewed as ``(size(0), -1)``) it keeps a projector of rank ``r`` on
+the smaller side (GaLore's "std" rule: m ≥ n projects the columns), and the inner transform's state has
+the low-rank shape (m×r or r×n): that is where the memory goes.
+
+Every ``update_proj_gap`` steps (counted from 0, before the increment, as in GaLore) the projector is
+refreshed from the current gradient. What happens to the inner moments then is the group key
+``reset_statistics``: False keeps them unchanged, neither rotated nor reset, so the old low-rank moments
+are read in the new coordinates (GaLore, as its official code does), True zeros them and their step
+counter (FRUGAL).
+
+The direction is ``scale·P⁻¹(inner(P(G))) + inactive_lr_scale·rule(G − P⁻¹P(G))`` with ``rule`` one of
+``no`` (GaLore), ``sign_sgd`` (FRUGAL's default) or ``sgd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
+from trainlab.optim.transforms.adam import ScaleByAdam
+
+INACTIVE_RULES = ("no", "sign_sgd", "sgd")
+
+
+def resolve_rank(rank: int | float, shape: tuple[int, int]) -> int:
+    """The rank of one matrix: an int is capped at min(m, n); a float in [0, 1] is that fraction of
+    min(m, n), rounded half up and at least 1 when positive (so density 0 alone gives rank 0)."""
+    side = min(shape)
+    if isinstance(rank, bool) or not isinstance(rank, int | float):
+        raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, int):
+        return min(rank, side)
+    return 0 if rank == 0 else max(1, min(side, int(rank * side + 0.5)))
+
+
+def _matrix(t: Tensor) -> Tensor:
+    return t.reshape(t.size(0), -1)
+
+
+def _projected_dim(shape: tuple[int, int]) -> int:
+    """GaLore's side rule: the smaller side is compressed (dim 1, columns, when m >= n)."""
+    return 1 if shape[0] >= shape[1] else 0
+
+
+def _low_rank_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
+    return (shape[0], rank) if _projected_dim(shape) == 1 else (rank, shape[1])
+
+
+class Projector:
+    """A rank-r map of one side of a matrix. State is tensors; ``refresh`` returns new ones."""
+
+    name: ClassVar[str]
+
+    def init(self, shape: tuple[int, int], rank: int, like: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def refresh(self, grads: list[Tensor], state: State, refreshes: list[int]) -> None:
+        """Replace, in the lists of ``state``, the entries of the matrices whose index is in ``refreshes``."""
+        raise NotImplementedError
+
+    def down(self, g: Tensor, state: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+        raise NotImplementedError
+
+    def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """``g − P⁻¹(low)`` with ``low = P(g)``: the part of ``g`` that the inner transform does not see."""
+        return g - self.up(low, state, tuple(g.shape))
+
+
+class SVDProjector(Projector):
+    """GaLore's projector: the top-r singular vectors of the gradient on the smaller side, stored as an
+    orthonormal ``side × r`` basis Q (``R = G Q`` or ``Qᵀ G``). The SVD runs in float32 (float64 kept)."""
+
+    name = "svd"
+
+    def init(self, shape: tuple[int, int], rank: int, like: Tensor) -> dict[str, Tensor]:
+        side = shape[_projected_dim(shape)]
+        return {"basis": torch.zeros(side, rank, dtype=like.dtype, device=like.device)}
+
+    def refresh(self, grads: list[Tensor], state: State, refreshes: list[int]) -> None:
+        for i in refreshes:  # one at a time: a batched CPU SVD is no faster and holds every factor at once
+            g, rank = grads[i], state["basis"][i].size(1)
+            if rank == 0:
+                continue
+            u, _, vh = torch.linalg.svd(g if g.dtype == torch.float64 else g.float(), full_matrices=False)
+            basis = vh[:rank].mT if _projected_dim(tuple(g.shape)) == 1 else u[:, :rank]
+            state["basis"][i] = basis.to(g.dtype).contiguous()
+
+    def down(self, g: Tensor, state: dict[str, Tensor]) -> Tensor:
+        q = state["basis"]
+        return g @ q if _projected_dim(tuple(g.shape)) == 1 else q.mT @ g
+
+    def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+        q = state["basis"]
+        return r @ q.mT if _projected_dim(shape) == 1 else q @ r
+
+    def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
+        q = state["basis"]  # g − P⁻¹(low) as one GEMM into one new buffer
+        return (
+            torch.addmm(g, low, q.mT, alpha=-1)
+            if _projected_dim(tuple(g.shape)) == 1
+            else torch.addmm(g, q, low, alpha=-1)
+        )
+
+
+class CoordinateProjector(Projector):
+    """r of the smaller side's coordinates (columns when m >= n), kept as sorted int64 indices.
+
+    ``random``: a fresh uniform subset at each refresh, from a per-matrix seed drawn at init, so a
+    checkpointed run continues identically. ``blocks``: the contiguous block ``[k·r, (k+1)·r)`` (mod the
+    side) at the k-th refresh, cycling through the matrix. FRUGAL's official block mode instead makes a
+    fraction of whole *tensors* active; blocks inside each matrix keep the memory exactly ``density`` per
+    matrix. At density 1 both select every coordinate, so FRUGAL is then exactly AdamW.
+    """
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("random", "blocks"):
+            raise ValueError(f"projection must be 'random' or 'blocks' here, got {kind!r}")
+        self.name = kind
+
+    def init(self, shape: tuple[int, int], rank: int, like: Tensor) -> dict[str, Tensor]:
+        state = {
+            "index": torch.zeros(rank, dtype=torch.int64, device=like.device),
+            "refreshes": torch.zeros((), dtype=torch.int64),
+        }
+        if self.name == "random":
+            state["seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
+        return state
+
+    def refresh(self, grads: list[Tensor], state: State, refreshes: list[int]) -> None:
+        for i in refreshes:
+            side = grads[i].size(_projected_dim(tuple(grads[i].shape)))
+            rank = state["index"][i].numel()
+            k = int(state["refreshes"][i])
+            if self.name == "random":
+                gen = torch.Generator().manual_seed(int(state["seed"][i]) + 1_000_003 * k)
+                index = torch.randperm(side, generator=gen)[:rank].sort().values
+            else:
+                index = ((k * rank + torch.arange(rank)) % side).sort().values
+            state["index"][i] = index.to(state["index"][i].device)
+            state["refreshes"][i] = torch.tensor(k + 1, dtype=torch.int64)
+
+    def down(self, g: Tensor, state: dict[str, Tensor]) -> Tensor:
+        return g.index_select(_projected_dim(tuple(g.shape)), state["index"])
+
+    def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+        return r.new_zeros(shape).index_copy_(_projected_dim(shape), state["index"], r)
+
+    def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
+        return g.index_fill(_projected_dim(tuple(g.shape)), state["index"], 0)
+
+
+def make_projector(projection: str) -> Projector:
+    if projection == "svd":
+        return SVDProjector()
+    if projection in ("random", "blocks"):
+        return CoordinateProjector(projection)
+    raise ValueError(f"projection must be one of 'svd', 'random', 'blocks', got {projection!r}")
+
+
+class ScaleByAdamRawEps(ScaleByAdam):
+    """Adam with eps added to the uncorrected sqrt(v), ``sqrt(1−β2^t)/(1−β1^t) · m/(sqrt(v)+eps)``: the
+    transformers-style AdamW that GaLore's official ``galore_torch.AdamW`` is built on."""
+
+    name = "scale_by_adam_raw_eps"
+    hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-6}
+    raw_eps = True
+
+
+_INNER = "inner."
+
+
+class ProjectSubspace(GradientTransform):
+    """``project → inner → project back`` per matrix, plus an optional state-free rule on the residual.
+
+    Group keys: ``rank`` (int, or float fraction of min(m, n); read when the state is created),
+    ``update_proj_gap``, ``scale`` (multiplies the projected part only), ``reset_statistics``,
+    ``inactive_update_rule`` and ``inactive_lr_scale``. The inner transform sees only the low-rank
+    updates (it must not read ``params``: they keep the full shape).
+    """
+
+    name = "project_subspace"
+    per_parameter = True  # each matrix's step reads only its own gradient, state and projector
+    hyperparameters = {
+        "rank": 0.25,
+        "update_proj_gap": 200,
+        "scale": 1.0,
+        "reset_statistics": False,
+        "inactive_update_rule": "no",
+        "inactive_lr_scale": 1.0,
+    }
+
+    def __init__(self, projector: Projector, inner: GradientTransform) -> None:
+        self.projector = projector
+        self.inner = inner
+
+    def all_hyperparameters(self) -> dict[str, Any]:
+        return {**self.inner.all_hyperparameters(), **self.hyperparameters}
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        if param.ndim < 2:
+            raise ValueError(
+                f"{self.name} needs parameters with 2+ dimensions, got shape {tuple(param.shape)}; route "
+                "vectors to another chain (trainlab.optim.matrices_to)"
+            )
+        shape = tuple(_matrix(param).shape)
+        rank = resolve_rank(group["rank"], shape)
+        low = torch.empty(_low_rank_shape(shape, rank), dtype=param.dtype, device=param.device)
+        inner = {_INNER + k: v for k, v in self.inner.init(low, group).items()}
+        return {"step": new_step_counter(), **self.projector.init(shape, rank, param), **inner}
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        rule = group["inactive_update_rule"]
+        if rule not in INACTIVE_RULES:
+            raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
+        grads = [_matrix(u) for u in updates]
+        gap = group["update_proj_gap"]
+        refreshes = [i for i, t in enumerate(step_counts(state)) if (int(t) - 1) % gap == 0]
+        inner_state = {k[len(_INNER) :]: v for k, v in state.items() if k.startswith(_INNER)}
+        own = {k: v for k, v in state.items() if not k.startswith(_INNER) and k != "step"}
+        if refreshes:
+            self.projector.refresh(grads, own, refreshes)
+            if group["reset_statistics"]:
+                for tensors in inner_state.values():
+                    torch._foreach_zero_([tensors[i] for i in refreshes])
+        per = [{k: v[i] for k, v in own.items()} for i in range(len(grads))]
+        low = [self.projector.down(g, st) for g, st in zip(grads, per, strict=True)]
+        rest = [] if rule == "no" else [self.projector.residual(*a) for a in zip(grads, low, per, strict=True)]
+        low, inner_state = self.inner.update(low, inner_state, params, group)
+        if group["scale"] != 1:  # on the low-rank side: r/min(m, n) of the work (not in place: may be state)
+            low = torch._foreach_mul(low, group["scale"])
+        out = [self.projector.up(r, st, tuple(g.shape)) for r, st, g in zip(low, per, grads, strict=True)]
+        if rest:
+            if rule == "sign_sgd":
+                torch._foreach_sign_(rest)
+            torch._foreach_add_(out, rest, alpha=group["inactive_lr_scale"])
+        state.update(own)
+        state.update({_INNER + k: v for k, v in inner_state.items()})
+        return [o.reshape(u.shape) for o, u in zip(out, updates, strict=True)], state
+
+
+def project_subspace(projection: str, inner: GradientTransform) -> ProjectSubspace:
+    """The combinator with the named projector (``svd``, ``random`` or ``blocks``) around ``inner``."""
+    return ProjectSubspace(make_projector(projection), inner)
+
+
+def scale_by_adam_raw_eps() -> ScaleByAdamRawEps:
+    return ScaleByAdamRawEps()
+
+
+class ScaleByWeightNormProjection(GradientTransform):
+    """GradNormLoRP's step on ``W = g ⊙ V/‖V‖_row`` with V's update projected (by ``subspace``).
+
+    The parameter holds the effective weight W itself; the state keeps the gains g and the row norms
+    ‖V‖ (2m floats), from which V = ‖V‖ ⊙ W/g is re-derived each step, so no full copy of V is kept (the
+    official LowRankWeightNormAdamW keeps one, which costs a full extra parameter copy). Gradients are the
+    exact weight-norm ones (Salimans & Kingma): ``∇g = Σ_j G_ij v̂_ij`` and ``∇V = g/‖V‖ (G − ∇g v̂)``;
+    the official code drops the ``−∇g v̂`` term. ``∇V`` goes through ``subspace`` (GaLore: projected
+    Adam, ``scale``), ``∇g`` through plain ``gain_transform``; decoupled weight decay shrinks V and g. The
+    new W is written into the parameter here and the returned direction is zero.
+    """
+
+    name = "weight_norm_projection"
+    per_parameter = True
+    hyperparameters = {"weight_decay": 0.0}
+
+    def __init__(self, subspace: ProjectSubspace, gain_transform: GradientTransform) -> None:
+        self.subspace = subspace
+        self.gain_transform = gain_transform
+
+    def all_hyperparameters(self) -> dict[str, Any]:
+        return {
+            **self.gain_transform.all_hyperparameters(),
+            **self.subspace.all_hyperparameters(),
+            **self.hyperparameters,
+        }
+
+    def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        gain = torch.linalg.vector_norm(_matrix(param.detach()), dim=1)
+        if not bool((gain > 0).all()):  # once, when the state is created
+            raise ValueError(
+                f"{self.name} needs every row of the weight to be nonzero (W = g * V/|V|_row has no direction "
+                f"for a zero row); a parameter of shape {tuple(param.shape)} has a zero row: initialize it "
+                "randomly or route it to AdamW with `exclude`"
+            )
+        return {
+            "gain": gain,
+            "v_norm": gain.clone(),
+            **{"v." + k: v for k, v in self.subspace.init(param, group).items()},
+            **{"g." + k: v for k, v in self.gain_transform.init(gain, group).items()},
+        }
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        weights = [_matrix(p) for p in params]
+        gains, v_norms = state["gain"], state["v_norm"]
+        directions = [w / g[:, None] for w, g in zip(weights, gains, strict=True)]
+        grad_g, grad_v = [], []
+        for u, d, g, c in zip(updates, directions, gains, v_norms, strict=True):
+            gm = _matrix(u)
+            gg = (gm * d).sum(1)
+            grad_g.append(gg)
+            grad_v.append((gm - gg[:, None] * d).mul_((g / c)[:, None]))
+        sub = {k[2:]: v for k, v in state.items() if k.startswith("v.")}
+        gain_state = {k[2:]: v for k, v in state.items() if k.startswith("g.")}
+        step_v, sub = self.subspace.update(grad_v, sub, params, group)
+        step_g, gain_state = self.gain_transform.update(grad_g, gain_state, params, group)
+        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
+        for p, d, g, c, sv, sg in zip(params, directions, gains, v_norms, step_v, step_g, strict=True):
+            v = d.mul_(c[:, None] * decay).sub_(lr * sv)
+            g.mul_(decay).sub_(lr * sg)
+            torch.linalg.vector_norm(v, dim=1, out=c)
+            p.copy_(v.mul_((g / c)[:, None]).view_as(p))  # into p itself: a reshape of a strided p is a copy
+        state.update({"v." + k: v for k, v in sub.items()})
+        state.update({"g." + k: v for k, v in gain_state.items()})
+        return [torch.zeros_like(u) for u in updates], state
