@@ -18,6 +18,7 @@ The direction is ``scale·P⁻¹(inner(P(G))) + inactive_lr_scale·rule(G − P�
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -54,23 +55,26 @@ def _low_rank_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
     return (shape[0], rank) if _projected_dim(shape) == 1 else (rank, shape[1])
 
 
-class Projector:
+class Projector(ABC):
     """A rank-r map of one side of a matrix. State is tensors; ``refresh`` returns new ones."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def init(self, shape: tuple[int, int], rank: int, like: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The projector's state for a matrix of ``shape``, before its first refresh."""
 
+    @abstractmethod
     def refresh(self, grads: list[Tensor], state: State, refreshes: list[int]) -> None:
         """Replace, in the lists of ``state``, the entries of the matrices whose index is in ``refreshes``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def down(self, g: Tensor, state: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
+        """``P(g)``: the low-rank coordinates of ``g``."""
 
+    @abstractmethod
     def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
-        raise NotImplementedError
+        """``P⁻¹(r)``: low-rank coordinates back to a full matrix of ``shape``."""
 
     def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
         """``g − P⁻¹(low)`` with ``low = P(g)``: the part of ``g`` that the inner transform does not see."""
