@@ -1,0 +1,169 @@
+"""Packed storage: codes round-trip bit for bit at every width and length, 3-bit codes straddle bytes,
+files are the nominal size plus a small header, and the loaded weights dequantize identically."""
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from trainlab.compress.quant.gptq import collect_hessians, quantize_gptq
+from trainlab.compress.quant.grids import QuantizedWeight, UniformGrid, quantize_rtn
+from trainlab.compress.quant.pack import (
+    dequantized_state,
+    load_quantized,
+    nominal_bytes,
+    pack_codes,
+    pack_trits,
+    save_quantized,
+    unpack_codes,
+    unpack_trits,
+)
+from trainlab.compress.quant.ptqtp import TritPlanes, quantize_ptqtp
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [0, 1, 7, 13, 1001])
+def test_pack_round_trip(bits, count):
+    codes = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(bits * count))
+    packed = pack_codes(codes.to(torch.uint8), bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(count * bits / 8)
+    out = unpack_codes(packed, bits, count)
+    assert out.dtype == torch.uint8 and torch.equal(out.long(), codes)
+
+
+def test_three_bit_codes_cross_byte_boundaries():
+    # codes 0..7: bits, least significant first, are 000 100 010 110 001 101 011 111 -> 3 dense bytes
+    packed = pack_codes(torch.arange(8), 3)
+    assert packed.tolist() == [0b00010001, 0b01100011, 0b01011111]
+    assert torch.equal(unpack_codes(packed, 3, 8), torch.arange(8, dtype=torch.uint8))
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="codes"):
+        pack_codes(torch.tensor([0, 4]), 2)
+    with pytest.raises(ValueError, match="codes"):
+        pack_codes(torch.tensor([-1, 0]), 2)
+    with pytest.raises(ValueError, match="codes"):
+        pack_codes(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="bits"):
+        pack_codes(torch.tensor([0, 1]), 9)
+    with pytest.raises(ValueError, match="packed"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, 9)
+    with pytest.raises(ValueError, match="count"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, -1)
+
+
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g, dtype=torch.float64)
+    return {
+        "a.weight": quantize_rtn(w, 2, group_size=64),
+        "b.weight": quantize_rtn(w[:33, :101], 3, symmetric=False, group_size=32),  # odd sizes, short last group
+        "c.weight": quantize_rtn(w, 4, symmetric=False),
+        "d.weight": quantize_rtn(w[:, :75], 8),
+    }
+
+
+@pytest.mark.parametrize("name", ["a.weight", "b.weight", "c.weight", "d.weight"])
+def test_file_size_is_nominal_plus_header(tmp_path, name):
+    q = _weights()[name]
+    size = save_quantized(tmp_path / "q.safetensors", {name: q})
+    codes_bytes = math.ceil(q.codes.numel() * q.bits / 8)
+    assert nominal_bytes(q) >= codes_bytes + 2 * q.scale.numel()
+    assert 0 < size - nominal_bytes(q) < 400
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    weights = _weights()
+    bias = torch.randn(96)
+    path = tmp_path / "q.safetensors"
+    save_quantized(path, weights, {"a.bias": bias}, metadata={"note": "test"})
+    loaded, plain = load_quantized(path)
+    assert set(loaded) == set(weights) and torch.equal(plain["a.bias"], bias)
+    for name, q in weights.items():
+        back = loaded[name]
+        assert torch.equal(back.codes, q.codes) and torch.equal(back.zero, q.zero)
+        assert back.scale.dtype == torch.float16
+        assert (back.bits, back.symmetric, back.group_size) == (q.bits, q.symmetric, q.group_size)
+        assert torch.equal(back.dequantize(torch.float64), q.dequantize(torch.float64))
+    state = dequantized_state(path)
+    assert torch.equal(state["c.weight"], weights["c.weight"].dequantize(torch.float32))
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["note"] == "test"
+        assert "b.weight::zero" in f.keys() and "a.weight::zero" not in f.keys()  # noqa: SIM118
+
+
+def test_gptq_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8))
+    inputs = [torch.randn(16, 24) for _ in range(4)]
+    hessians = collect_hessians(model, inputs)
+    grid = UniformGrid(3, group_size=8)
+    weights = {f"{n}.weight": quantize_gptq(model[int(n)].weight, h, grid) for n, h in hessians.items()}
+    plain = {k: v for k, v in model.state_dict().items() if k not in weights}
+    save_quantized(tmp_path / "m.safetensors", weights, plain)
+    fresh = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8))
+    fresh.load_state_dict(dequantized_state(tmp_path / "m.safetensors"))
+    for name, q in weights.items():
+        assert torch.equal(fresh.state_dict()[name], q.dequantize(torch.float32))
+    assert torch.equal(fresh[0].bias, model[0].bias)
+
+
+def test_save_rejects_unstorable_weights(tmp_path):
+    w = torch.randn(4, 8, dtype=torch.float64)
+    exact = quantize_rtn(w, 4, scale_dtype=None)
+    with pytest.raises(ValueError, match="float16"):
+        save_quantized(tmp_path / "x.safetensors", {"w": exact})
+    q = quantize_rtn(w, 4)
+    with pytest.raises(ValueError, match="must not contain"):
+        save_quantized(tmp_path / "x.safetensors", {"w::x": q})
+    with pytest.raises(ValueError, match="must not contain"):
+        save_quantized(tmp_path / "x.safetensors", {"w": q}, {"w": w})
+    bad_zero = QuantizedWeight(q.codes, q.scale, q.zero + 1, 4, True, None)
+    with pytest.raises(ValueError, match="zero points"):
+        save_quantized(tmp_path / "x.safetensors", {"w": bad_zero})
+    with pytest.raises(ValueError, match="QuantizedWeight"):
+        save_quantized(tmp_path / "x.safetensors", {"w": w})
+
+
+@pytest.mark.parametrize("count", [0, 1, 4, 5, 6, 1003])
+def test_trit_round_trip(count):
+    trits = torch.randint(-1, 2, (count,), generator=torch.Generator().manual_seed(count))
+    packed = pack_trits(trits.to(torch.int8))
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(count / 5)
+    out = unpack_trits(packed, count)
+    assert out.dtype == torch.int8 and torch.equal(out.long(), trits)
+
+
+def test_trit_layout_and_bad_input():
+    # base 3, first trit least significant: digits (t + 1) = 2, 0, 1, 1, 2 -> 2 + 0 + 9 + 27 + 162 = 200
+    assert pack_trits(torch.tensor([1, -1, 0, 0, 1])).tolist() == [200]
+    assert pack_trits(torch.ones(5, dtype=torch.int64)).tolist() == [242]
+    with pytest.raises(ValueError, match="trits"):
+        pack_trits(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="trits"):
+        pack_trits(torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="packed"):
+        unpack_trits(torch.tensor([243], dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="packed"):
+        unpack_trits(torch.zeros(2, dtype=torch.uint8), 5)
+
+
+def test_trit_planes_round_trip_and_size(tmp_path):
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    planes = quantize_ptqtp(w, group_size=64)
+    mixed = {"p.weight": planes, "r.weight": quantize_rtn(w, 3)}
+    size = save_quantized(tmp_path / "t.safetensors", mixed)
+    assert nominal_bytes(planes) == 2 * math.ceil(96 * 256 / 5) + 2 * 2 * 96 * 4
+    assert 0 < size - sum(nominal_bytes(q) for q in mixed.values()) < 800
+    loaded, _ = load_quantized(tmp_path / "t.safetensors")
+    back = loaded["p.weight"]
+    assert isinstance(back, TritPlanes) and back.group_size == 64
+    assert torch.equal(back.t1, planes.t1) and torch.equal(back.t2, planes.t2)
+    assert torch.equal(back.dequantize(torch.float64), planes.dequantize(torch.float64))
+    assert back.dequantize().dtype == torch.float32
+    assert torch.equal(loaded["r.weight"].dequantize(torch.float64), mixed["r.weight"].dequantize(torch.float64))
+    with pytest.raises(ValueError, match="alpha1"):
+        save_quantized(tmp_path / "x.safetensors", {"p": quantize_ptqtp(w, scale_dtype=None)})
