@@ -1,6 +1,7 @@
 """Packed storage: codes round-trip bit for bit at every width and length, 3-bit codes straddle bytes,
 files are the nominal size plus a small header, and the loaded weights dequantize identically."""
 
+import functools
 import math
 
 import pytest
@@ -167,3 +168,79 @@ def test_trit_planes_round_trip_and_size(tmp_path):
     assert torch.equal(loaded["r.weight"].dequantize(torch.float64), mixed["r.weight"].dequantize(torch.float64))
     with pytest.raises(ValueError, match="alpha1"):
         save_quantized(tmp_path / "x.safetensors", {"p": quantize_ptqtp(w, scale_dtype=None)})
+
+
+@functools.cache
+def _new_kinds():
+    from trainlab.compress.quant.gwq import quantize_gwq
+    from trainlab.compress.quant.nupes import quantize_nupes
+    from trainlab.compress.quant.vptq import quantize_vptq
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 128, generator=g, dtype=torch.float64) ** 3
+    grad = torch.randn(64, 128, generator=g, dtype=torch.float64)
+    x = torch.randn(256, 128, generator=g, dtype=torch.float64)
+    h = 2 * x.T @ x / 256
+    return {
+        "n.weight": quantize_nupes(w, 3),
+        "m.weight": quantize_nupes(w[:33, :101], 2, symmetric=False, group_size=32, exponent=0.6),
+        "v.weight": quantize_vptq(w, num_centroids=256, kiter=10),
+        "r.weight": quantize_vptq(w[:, :96], vector_len=8, num_centroids=64, num_res_centroids=32, kiter=10),
+        "g.weight": quantize_gwq(w, 3, grad),
+        "h.weight": quantize_gwq(w[:30, :77], 4, grad[:30, :77], fraction=0.03, symmetric=False, group_size=16),
+        "k.weight": quantize_gwq(w, 2, grad, hessian=h, group_size=32, block_size=64),  # GPTQ-compensated outliers
+        "p.weight": quantize_nupes(w, 3, hessian=h, second_order=True, group_size=64),
+        "q.weight": quantize_vptq(w, h, num_centroids=64, num_res_centroids=4, kiter=10),
+    }
+
+
+def test_new_kinds_nominal_bytes():
+    q = _new_kinds()
+    assert nominal_bytes(q["n.weight"]) == 64 * 128 * 3 // 8 + 2 * 64
+    assert nominal_bytes(q["v.weight"]) == 64 * 128 // 4 + 2 * 256 * 4  # 8-bit indices of 4-vectors + codebook
+    # 6-bit + 5-bit indices per 8-vector, two float16 codebooks
+    assert nominal_bytes(q["r.weight"]) == math.ceil(64 * 12 * 6 / 8) + math.ceil(64 * 12 * 5 / 8) + 2 * 8 * (64 + 32)
+    assert q["g.weight"].indices.numel() == math.ceil(0.01 * 64 * 128) == 82
+    assert nominal_bytes(q["g.weight"]) == 64 * 128 * 3 // 8 + 2 * 64 + 6 * 82
+
+
+@pytest.mark.parametrize(
+    "name", ["n.weight", "m.weight", "v.weight", "r.weight", "g.weight", "h.weight", "k.weight", "p.weight", "q.weight"]
+)
+def test_new_kinds_round_trip_and_size(tmp_path, name):
+    q = _new_kinds()[name]
+    size = save_quantized(tmp_path / "q.safetensors", {name: q})
+    assert 0 < size - nominal_bytes(q) < 600  # the safetensors header: ~90 bytes per stored tensor + metadata
+    loaded, _ = load_quantized(tmp_path / "q.safetensors")
+    back = loaded[name]
+    assert type(back) is type(q)
+    assert torch.equal(back.dequantize(torch.float64), q.dequantize(torch.float64))
+    assert torch.equal(back.dequantize(torch.float32), q.dequantize(torch.float32))
+    assert back.dequantize().dtype == torch.float32
+
+
+def test_all_kinds_in_one_file(tmp_path):
+    from trainlab.compress.quant.nupes import PowerQuantizedWeight
+
+    weights = {**_new_kinds(), **_weights()}
+    path = tmp_path / "all.safetensors"
+    size = save_quantized(path, weights, {"bias": torch.ones(3)})
+    assert 0 < size - sum(nominal_bytes(q) for q in weights.values()) < 400 * len(weights)  # headers only
+    loaded, plain = load_quantized(path)
+    assert isinstance(loaded["n.weight"], PowerQuantizedWeight) and loaded["m.weight"].exponent == 0.6
+    assert not isinstance(loaded["a.weight"], PowerQuantizedWeight)
+    state = dequantized_state(path, torch.float64)
+    for name, q in weights.items():
+        assert torch.equal(state[name], q.dequantize(torch.float64)), name
+    assert torch.equal(plain["bias"], torch.ones(3))
+
+
+def test_new_kinds_reject_unstorable(tmp_path):
+    from trainlab.compress.quant.gwq import quantize_gwq
+    from trainlab.compress.quant.vptq import quantize_vptq
+
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match="codebook"):
+        save_quantized(tmp_path / "x.safetensors", {"w": quantize_vptq(w, num_centroids=16, codebook_dtype=None)})
+    with pytest.raises(ValueError, match="values"):
+        save_quantized(tmp_path / "x.safetensors", {"w": quantize_gwq(w + 1e-5, 3, w, value_dtype=None)})

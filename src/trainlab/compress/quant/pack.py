@@ -12,6 +12,13 @@ safetensors header (a few hundred bytes per layer).
 Trit-planes (:class:`..ptqtp.TritPlanes`) are stored as ``name::t1`` and ``name::t2``, each packed 5 trits a
 byte (base 3, ``3**5 = 243 <= 256``: 1.6 bits per trit, 3.2 bits per weight for both planes), and
 ``name::alpha1``, ``name::alpha2`` (float16).
+
+Power grids (:class:`..nupes.PowerQuantizedWeight`) are stored like uniform grids, with the exponent in the
+metadata (``kind: "power"``; a JSON float, exact). Vector-quantized weights (:class:`..vptq.VQWeight`) are
+stored as ``name::codebook`` (float16, ``(K, v)``) and ``name::indices`` (packed at ``ceil(log2 K)`` bits), and
+the residual pair as ``name::res_codebook`` / ``name::res_indices``. Weights with outliers
+(:class:`..gwq.OutlierQuantizedWeight`) store their base uniform grid as above plus ``name::outlier_idx``
+(int32 flat positions) and ``name::outlier_val`` (float16).
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ from safetensors.torch import save_file
 
 from trainlab.compress.export import pack_bits, unpack_bits
 from trainlab.compress.quant.grids import QuantizedWeight
+from trainlab.compress.quant.gwq import OutlierQuantizedWeight
+from trainlab.compress.quant.nupes import PowerQuantizedWeight
 from trainlab.compress.quant.ptqtp import TritPlanes
+from trainlab.compress.quant.vptq import VQWeight, index_bits
+
+Quantized = QuantizedWeight | TritPlanes | VQWeight | OutlierQuantizedWeight
 
 META_KEY = "trainlab.quant"
 SEP = "::"
@@ -92,9 +104,18 @@ def unpack_trits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return (digits.flatten()[:count] - 1).to(torch.int8)
 
 
-def nominal_bytes(weight: QuantizedWeight | TritPlanes) -> int:
-    """Bytes of the packed codes (or trit-planes), the float16 scales and (asymmetric grids) the packed zero
-    points."""
+def nominal_bytes(weight: Quantized) -> int:
+    """Bytes of the packed codes (or trit-planes, or indices), the float16 scales or codebooks, (asymmetric
+    grids) the packed zero points and (outliers) 6 bytes per outlier."""
+    if isinstance(weight, OutlierQuantizedWeight):
+        return nominal_bytes(weight.base) + 6 * weight.indices.numel()
+    if isinstance(weight, VQWeight):
+        bits = index_bits(weight.codebook.shape[0])
+        size = math.ceil(weight.indices.numel() * bits / 8) + 2 * weight.codebook.numel()
+        if weight.res_codebook is not None:
+            bits = index_bits(weight.res_codebook.shape[0])
+            size += math.ceil(weight.res_indices.numel() * bits / 8) + 2 * weight.res_codebook.numel()
+        return size
     if isinstance(weight, TritPlanes):
         return 2 * math.ceil(weight.t1.numel() / TRITS_PER_BYTE) + 2 * (weight.alpha1.numel() + weight.alpha2.numel())
     size = math.ceil(weight.codes.numel() * weight.bits / 8) + 2 * weight.scale.numel()
@@ -109,26 +130,71 @@ def _check_float16(name: str, field: str, scale: torch.Tensor) -> None:
         )
 
 
-def _check_storable(name: str, q: QuantizedWeight | TritPlanes) -> None:
+def _check_storable(name: str, q: Quantized) -> None:
+    if isinstance(q, OutlierQuantizedWeight):
+        _check_float16(name, "values", q.values)
+        if q.indices.dtype != torch.int32 or q.indices.numel() != q.values.numel():
+            raise ValueError(f"weights[{name!r}].indices must be int32, one per value")
+        _check_storable(name, q.base)
+        return
+    if isinstance(q, VQWeight):
+        _check_float16(name, "codebook", q.codebook)
+        if q.res_codebook is not None:
+            _check_float16(name, "res_codebook", q.res_codebook)
+        return
     if isinstance(q, TritPlanes):
         _check_float16(name, "alpha1", q.alpha1)
         _check_float16(name, "alpha2", q.alpha2)
         return
     if not isinstance(q, QuantizedWeight):
-        raise ValueError(f"weights[{name!r}] must be a QuantizedWeight or TritPlanes, got {type(q).__name__}")
+        raise ValueError(
+            f"weights[{name!r}] must be a QuantizedWeight, TritPlanes, VQWeight or OutlierQuantizedWeight, "
+            f"got {type(q).__name__}"
+        )
     _check_float16(name, "scale", q.scale)
     if q.symmetric and not bool((q.zero == 2 ** (q.bits - 1)).all()):
         raise ValueError(f"weights[{name!r}] is symmetric but its zero points are not {2 ** (q.bits - 1)}")
 
 
+def _save_uniform(state: dict[str, torch.Tensor], name: str, q: QuantizedWeight) -> dict:
+    rows, cols = q.shape
+    state[f"{name}{SEP}codes"] = pack_codes(q.codes, q.bits)
+    state[f"{name}{SEP}scale"] = q.scale.detach().half().contiguous()
+    if not q.symmetric:
+        state[f"{name}{SEP}zero"] = pack_codes(q.zero, q.bits)
+    desc = {
+        "kind": "uniform",
+        "shape": [rows, cols],
+        "bits": q.bits,
+        "symmetric": q.symmetric,
+        "group_size": q.group_size,
+    }
+    if isinstance(q, PowerQuantizedWeight):
+        desc.update(kind="power", exponent=q.exponent)
+    return desc
+
+
+def _load_uniform(stored: dict[str, torch.Tensor], name: str, desc: dict) -> QuantizedWeight:
+    (rows, cols), bits = desc["shape"], desc["bits"]
+    scale = stored[f"{name}{SEP}scale"]
+    codes = unpack_codes(stored[f"{name}{SEP}codes"], bits, rows * cols).reshape(rows, cols)
+    if desc["symmetric"]:
+        zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
+    else:
+        zero = unpack_codes(stored[f"{name}{SEP}zero"], bits, scale.numel()).reshape(scale.shape)
+    if desc["kind"] == "power":
+        return PowerQuantizedWeight(codes, scale, zero, bits, desc["symmetric"], desc["group_size"], desc["exponent"])
+    return QuantizedWeight(codes, scale, zero, bits, desc["symmetric"], desc["group_size"])
+
+
 def save_quantized(
     path: str | Path,
-    weights: Mapping[str, QuantizedWeight | TritPlanes],
+    weights: Mapping[str, Quantized],
     tensors: Mapping[str, torch.Tensor] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> int:
-    """Write the quantized ``weights`` (uniform grids or trit-planes) packed, plus any plain ``tensors``
-    (biases, norms, ...) unchanged, to a safetensors file; returns its size in bytes."""
+    """Write the quantized ``weights`` (uniform or power grids, trit-planes, VQ, outliers) packed, plus any
+    plain ``tensors`` (biases, norms, ...) unchanged, to a safetensors file; returns its size in bytes."""
     tensors = dict(tensors or {})
     state = {k: v.detach().contiguous() for k, v in tensors.items()}
     described: dict[str, dict] = {}
@@ -143,23 +209,25 @@ def save_quantized(
             state[f"{name}{SEP}alpha2"] = q.alpha2.detach().half().contiguous()
             described[name] = {"kind": "trits", "shape": list(q.t1.shape), "group_size": q.group_size}
             continue
-        rows, cols = q.shape
-        state[f"{name}{SEP}codes"] = pack_codes(q.codes, q.bits)
-        state[f"{name}{SEP}scale"] = q.scale.detach().half().contiguous()
-        if not q.symmetric:
-            state[f"{name}{SEP}zero"] = pack_codes(q.zero, q.bits)
-        described[name] = {
-            "kind": "uniform",
-            "shape": [rows, cols],
-            "bits": q.bits,
-            "symmetric": q.symmetric,
-            "group_size": q.group_size,
-        }
+        if isinstance(q, VQWeight):
+            state[f"{name}{SEP}codebook"] = q.codebook.detach().half().contiguous()
+            state[f"{name}{SEP}indices"] = pack_codes(q.indices, index_bits(q.codebook.shape[0]))
+            if q.res_codebook is not None:
+                state[f"{name}{SEP}res_codebook"] = q.res_codebook.detach().half().contiguous()
+                state[f"{name}{SEP}res_indices"] = pack_codes(q.res_indices, index_bits(q.res_codebook.shape[0]))
+            described[name] = {"kind": "vq", "shape": list(q.shape), "residual": q.res_codebook is not None}
+            continue
+        if isinstance(q, OutlierQuantizedWeight):
+            state[f"{name}{SEP}outlier_idx"] = q.indices.detach().to(torch.int32).contiguous()
+            state[f"{name}{SEP}outlier_val"] = q.values.detach().half().contiguous()
+            described[name] = {**_save_uniform(state, name, q.base), "outliers": True}
+            continue
+        described[name] = _save_uniform(state, name, q)
     save_file(state, str(path), metadata={**(metadata or {}), META_KEY: json.dumps(described)})
     return Path(path).stat().st_size
 
 
-def load_quantized(path: str | Path) -> tuple[dict[str, QuantizedWeight | TritPlanes], dict[str, torch.Tensor]]:
+def load_quantized(path: str | Path) -> tuple[dict[str, Quantized], dict[str, torch.Tensor]]:
     """``(quantized weights, plain tensors)`` from a file written by :func:`save_quantized`; scales are float16
     (loaded trit-planes have an empty ``objective``)."""
     with safe_open(str(path), framework="pt") as f:
@@ -171,21 +239,35 @@ def load_quantized(path: str | Path) -> tuple[dict[str, QuantizedWeight | TritPl
     plain = {k: v for k, v in stored.items() if SEP not in k}
     weights = {}
     for name, desc in described.items():
-        (rows, cols), group_size = desc["shape"], desc["group_size"]
+        (rows, cols), group_size = desc["shape"], desc.get("group_size")
         if desc["kind"] == "trits":
             t1, t2 = (unpack_trits(stored[f"{name}{SEP}{t}"], rows * cols).reshape(rows, cols) for t in ("t1", "t2"))
             a1, a2 = stored[f"{name}{SEP}alpha1"], stored[f"{name}{SEP}alpha2"]
             weights[name] = TritPlanes(t1, t2, a1, a2, group_size, [])
             continue
-        bits = desc["bits"]
-        scale = stored[f"{name}{SEP}scale"]
-        codes = unpack_codes(stored[f"{name}{SEP}codes"], bits, rows * cols).reshape(rows, cols)
-        if desc["symmetric"]:
-            zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
-        else:
-            zero = unpack_codes(stored[f"{name}{SEP}zero"], bits, scale.numel()).reshape(scale.shape)
-        weights[name] = QuantizedWeight(codes, scale, zero, bits, desc["symmetric"], group_size)
+        if desc["kind"] == "vq":
+            weights[name] = _load_vq(stored, name, rows, cols, desc["residual"])
+            continue
+        base = _load_uniform(stored, name, desc)
+        if desc.get("outliers"):
+            idx, val = stored[f"{name}{SEP}outlier_idx"], stored[f"{name}{SEP}outlier_val"]
+            weights[name] = OutlierQuantizedWeight(base, idx, val)
+            continue
+        weights[name] = base
     return weights, plain
+
+
+def _load_vq(stored: dict[str, torch.Tensor], name: str, rows: int, cols: int, residual: bool) -> VQWeight:
+    def part(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        codebook = stored[f"{name}{SEP}{prefix}codebook"]
+        count = rows * cols // codebook.shape[1]
+        packed = stored[f"{name}{SEP}{prefix}indices"]
+        idx = unpack_codes(packed, index_bits(codebook.shape[0]), count).long().reshape(rows, -1)
+        return idx, codebook
+
+    idx, codebook = part("")
+    res_idx, res_codebook = part("res_") if residual else (None, None)
+    return VQWeight(idx, codebook, res_idx, res_codebook)
 
 
 def dequantized_state(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
