@@ -1,5 +1,6 @@
-"""``trainlab compress``: train (or reuse a cached) workload model, compress it at one or more sparsities,
-optionally recover with PERP, evaluate, export, and write report.md, results.json and a plot."""
+"""``trainlab compress``: train (or reuse a cached) workload model, compress it (prune at one or more
+sparsities, optionally recovering with PERP, or quantize at a bit-width), evaluate, export, and write report.md,
+results.json and (several sparsities) a plot."""
 
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ from torch import nn
 METHODS = ("magnitude", "nm", "beta-rank", "precrop")
 STRUCTURED = ("beta-rank", "precrop")
 RECOVERY = ("perp",)
+
+
+def quant_methods() -> tuple[str, ...]:
+    from trainlab.compress.quant.apply import METHODS as QUANT
+
+    return tuple(QUANT)
+
+
+def _bits(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits expects a number of bits like 3 or 2.5, got {text!r}") from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"--bits must lie in [2, 8], got {text!r}")
+    return value
 
 
 def _sparsities(text: str) -> list[float]:
@@ -40,15 +57,19 @@ def _pattern(text: str) -> str:
 
 def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``compress`` subcommand on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from trainlab.compress.pipeline import ALLOCATORS
+    from trainlab.compress.pipeline import ALLOCATORS, QUANT_ALLOCATORS
 
-    p = subparsers.add_parser("compress", help="prune a workload's trained model; write report, results and plot")
+    quant = quant_methods()
+    p = subparsers.add_parser(
+        "compress", help="prune or quantize a workload's trained model; write report, results and plot"
+    )
     p.add_argument("--workload", required=True, help="workload name (see trainlab list)")
     p.add_argument(
         "--method",
         required=True,
-        choices=METHODS,
-        help="magnitude (unstructured), nm (N:M by magnitude), beta-rank / precrop (channels, physically sliced)",
+        choices=METHODS + quant,
+        help="pruning: magnitude (unstructured), nm (N:M by magnitude), beta-rank / precrop (channels, physically "
+        f"sliced); quantization (with --bits): {', '.join(quant)}",
     )
     p.add_argument(
         "--sparsity",
@@ -59,9 +80,19 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pattern", type=_pattern, default=None, help="N:M pattern for --method nm (N < M; default 2:4)")
     p.add_argument(
         "--allocator",
-        choices=ALLOCATORS,
+        choices=tuple(dict.fromkeys(ALLOCATORS + QUANT_ALLOCATORS)),
         default="uniform",
-        help="how the budget is split over layers (magnitude only)",
+        help=f"how the budget is split over layers: sparsity for magnitude ({', '.join(ALLOCATORS)}), bit-widths "
+        f"for quantization ({', '.join(QUANT_ALLOCATORS)}; --bits is then the average)",
+    )
+    p.add_argument(
+        "--bits", type=_bits, default=None, help="quantization bit-width (average with a mixed-precision allocator)"
+    )
+    p.add_argument(
+        "--second-order", action="store_true", help="GPTQ-style error compensation with calibration Hessians"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=None, help="quantization group of input columns (default: whole row)"
     )
     p.add_argument("--recover", choices=RECOVERY, default=None, help="retrain after pruning")
     p.add_argument("--recover-steps", type=int, default=150, help="retraining steps for --recover")
@@ -81,10 +112,67 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _check_quant(args: argparse.Namespace) -> None:
+    """Impossible quantization argument combinations raise ValueError naming the argument."""
+    from trainlab.compress.pipeline import QUANT_ALLOCATORS
+    from trainlab.compress.quant.apply import METHODS as QUANT
+
+    spec = QUANT[args.method]
+    for flag, value in (("--sparsity", args.sparsity), ("--pattern", args.pattern), ("--recover", args.recover)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to pruning methods, not --method {args.method} (quantization)")
+    if args.calibration_batches <= 0:
+        raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.group_size is not None and args.group_size < 1:
+        raise ValueError(f"--group-size must be a positive integer, got {args.group_size}")
+    if args.group_size is not None and not spec.grouped:
+        raise ValueError(f"--group-size does not apply to --method {args.method} (one codebook per layer)")
+    if args.bits is None:
+        if spec.bits is None or len(spec.bits) != 1:
+            raise ValueError(f"--method {args.method} needs --bits (2 to 8)")
+        args.bits = float(spec.bits[0])
+    if args.allocator not in QUANT_ALLOCATORS:
+        raise ValueError(
+            f"--allocator {args.allocator} is a pruning allocator; quantization takes one of: "
+            f"{', '.join(QUANT_ALLOCATORS)}"
+        )
+    if args.allocator == "baq" and args.method != "rtn":
+        raise ValueError(
+            f"--allocator baq quantizes with its own uniform per-column grid: use --method rtn, not {args.method}"
+        )
+    if args.allocator != "uniform" and not spec.mixed:
+        raise ValueError(f"--allocator {args.allocator}: --method {args.method} has a fixed bit-width")
+    if args.allocator == "uniform" and args.bits != int(args.bits):
+        raise ValueError(f"--bits {args.bits:g} is fractional; only a mixed-precision --allocator takes averages")
+    if spec.bits is not None and args.allocator == "uniform" and int(args.bits) not in spec.bits:
+        raise ValueError(f"--bits for --method {args.method} must be one of {', '.join(map(str, spec.bits))}")
+    if args.second_order and spec.second_order == "never":
+        raise ValueError(f"--second-order is not available for --method {args.method}")
+
+
 def _check(args: argparse.Namespace) -> list[float]:
     """The sparsities to run; impossible argument combinations raise ValueError naming the argument."""
     from trainlab.compress.prune import parse_pattern
 
+    for flag, value in (
+        ("--bits", args.bits),
+        ("--group-size", args.group_size),
+        ("--second-order", args.second_order or None),
+    ):
+        if value is not None:
+            raise ValueError(
+                f"{flag} applies to quantization methods ({', '.join(quant_methods())}), not --method {args.method}"
+            )
+
+    from trainlab.compress.pipeline import ALLOCATORS
+
+    if args.allocator not in ALLOCATORS:
+        raise ValueError(
+            f"--allocator {args.allocator} allocates bit-widths (quantization); pruning takes one of: "
+            f"{', '.join(ALLOCATORS)}"
+        )
     if args.recover_steps <= 0:
         raise ValueError(f"--recover-steps must be a positive integer, got {args.recover_steps}")
     if args.calibration_batches <= 0:
@@ -176,6 +264,8 @@ def run_compress(args: argparse.Namespace) -> int:
     from trainlab.lab.workloads import get_workload
 
     torch.set_num_threads(1)
+    if args.method in quant_methods():
+        return run_quantize(args)
     sparsities = _check(args)
     workload = get_workload(args.workload)
     out = Path(args.out)
@@ -257,3 +347,100 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize the workload's trained model; write the packed file, results.json and report.md."""
+    from trainlab.compress.calibrate import calibration_inputs
+    from trainlab.compress.export import save_dense
+    from trainlab.compress.pipeline import default_cache_dir, trained_model
+    from trainlab.compress.quant.apply import save_quantized_model
+    from trainlab.lab.workloads import get_workload
+
+    _check_quant(args)
+    workload = get_workload(args.workload)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    model = trained_model(workload, args.seed, args.steps, cache, progress=not args.quiet)
+    before = workload.evaluate(model)
+    dense_bytes = save_dense(model, out / "model-dense.safetensors")
+    calibration = calibration_inputs(workload, args.calibration_batches)
+    qm = _quantize(args, workload, model, calibration)
+    levels = qm.bits
+    path = out / f"model-{args.method}-{args.bits:g}bit.safetensors"
+    size = save_quantized_model(qm, path, metadata={"workload": args.workload, "allocator": args.allocator})
+    counts = _layer_sizes(model)
+    mean_bits = sum(levels[k] * n for k, n in counts.items()) / sum(counts.values())
+    record = {
+        "workload": args.workload,
+        "method": args.method,
+        "allocator": args.allocator,
+        "second_order": qm.second_order,
+        "group_size": args.group_size,
+        "metric": workload.metric,
+        "higher_is_better": workload.higher_is_better,
+        "metric_before": before,
+        "file_bytes_before": dense_bytes,
+        "bits": args.bits,
+        "mean_bits": round(mean_bits, 4),
+        "metric_after": workload.evaluate(qm.model),
+        "file_bytes_after": size,
+        "levels": levels,
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    (out / "report.md").write_text(_quant_report(record))
+    print((out / "report.md").read_text())
+    return 0
+
+
+def _quantize(args: argparse.Namespace, workload: Any, model: nn.Module, calibration: list[torch.Tensor]) -> Any:
+    """The QuantizedModel for the parsed arguments: BAQ (per-column bits) or per-layer bits then the method."""
+    from trainlab.compress.pipeline import allocate_bits, calibration_batches
+    from trainlab.compress.quant.apply import METHODS as QUANT
+    from trainlab.compress.quant.apply import layer_gradients, quantize_model, quantize_model_baq
+
+    if args.allocator == "baq":
+        return quantize_model_baq(model, args.bits, calibration, group_size=args.group_size)
+    options = {} if args.allocator == "uniform" else {"group_size": args.group_size}
+    try:
+        levels = allocate_bits(model, args.allocator, args.bits, args.method, calibration, **options)
+    except ValueError as err:
+        raise ValueError(f"--allocator {args.allocator} --bits {args.bits:g}: {err}") from None
+    gradients = None
+    if QUANT[args.method].needs_gradient:
+        gradients = layer_gradients(model, calibration_batches(workload, args.calibration_batches), workload.loss)
+    return quantize_model(
+        model,
+        args.method,
+        levels,
+        second_order=args.second_order,
+        calibration=calibration,
+        group_size=args.group_size,
+        gradients=gradients,
+    )
+
+
+def _layer_sizes(model: nn.Module) -> dict[str, int]:
+    from trainlab.compress.plan import compressible_layers
+
+    return {k: m.weight.numel() for k, m in compressible_layers(model).items()}
+
+
+def _quant_report(r: dict[str, Any]) -> str:
+    ratio = r["file_bytes_after"] / r["file_bytes_before"]
+    lines = [
+        f"# trainlab compress: {r['workload']}, {r['method']} at {r['bits']:g} bits ({r['allocator']} allocator"
+        + (", second-order compensation)" if r["second_order"] else ")"),
+        "",
+        f"| bits | {r['metric']} before | {r['metric']} after | file bytes before | file bytes after | ratio |",
+        "|---|---|---|---|---|---|",
+        f"| {r['bits']:g} (mean {r['mean_bits']:g}) | {r['metric_before']:.4f} | {r['metric_after']:.4f} "
+        f"| {r['file_bytes_before']} | {r['file_bytes_after']} | {ratio:.3f} |",
+        "",
+        "Every Linear/Conv weight is quantized (embeddings, norms and biases stay float32); the file after is the "
+        "packed safetensors export (codes, float16 scales, ...), the file before the float32 one.",
+        "",
+        "Bits per layer: " + ", ".join(f"`{k}` {v}" for k, v in r["levels"].items()),
+    ]
+    return "\n".join(lines) + "\n"

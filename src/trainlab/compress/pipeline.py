@@ -137,3 +137,42 @@ def magnitude_plan(model: nn.Module, kept: dict[str, int]) -> Plan:
     """Per-layer magnitude rules at the sparsity ``1 - kept / n`` (replays to exactly ``kept`` weights)."""
     sizes = {k: m.weight.numel() for k, m in compressible_layers(model).items()}
     return Plan.from_levels("magnitude", {k: 1.0 - kept[k] / sizes[k] for k in kept})
+
+
+QUANT_ALLOCATORS = ("uniform", "hawq", "baq", "evopress")  # per-layer bit-widths under an average-bits budget
+
+
+def calibration_batches(workload: Workload, batches: int = 4) -> list:
+    """Whole training batches (inputs and targets) drawn like :func:`calibration_inputs` (same seed)."""
+    from trainlab.compress.calibrate import CALIBRATION_SEED
+    from trainlab.lab.runner import batch_generator
+
+    return [workload.make_batch(workload.batch_size, batch_generator(CALIBRATION_SEED, i)) for i in range(batches)]
+
+
+def allocate_bits(
+    model: nn.Module,
+    allocator: str,
+    bits: float,
+    method: str = "rtn",
+    calibration: Sequence[torch.Tensor] = (),
+    progress: bool = False,
+    **options: object,
+) -> dict[str, int]:
+    """Bit-width per compressible layer with average ``bits`` (weighted by layer size) chosen by ``allocator``;
+    ``uniform`` needs an integer ``bits``. ``hawq`` and ``evopress`` (:mod:`.quant.mixed`) pick among 2, 3, 4
+    and 8 bits, measured with RTN on a uniform grid (``second_order``/``group_size`` in ``options``), and reach
+    the average exactly; ``method`` then quantizes each layer at its bit-width. ``baq`` allocates per column, not
+    per layer: use :func:`trainlab.compress.quant.apply.quantize_model_baq`."""
+    if allocator not in QUANT_ALLOCATORS:
+        raise ValueError(f"unknown bit allocator {allocator!r}; choose one of: {', '.join(QUANT_ALLOCATORS)}")
+    layers = compressible_layers(model)
+    if allocator == "uniform":
+        if float(bits) != int(bits):
+            raise ValueError(f"the uniform allocator needs whole bits, got {bits:g}")
+        return dict.fromkeys(layers, int(bits))
+    if allocator == "baq":
+        raise ValueError("baq allocates bits per input column; use quant.apply.quantize_model_baq")
+    from trainlab.compress.quant import mixed
+
+    return mixed.allocate_bits(model, allocator, bits, calibration, progress=progress, **options)

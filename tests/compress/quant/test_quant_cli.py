@@ -1,0 +1,122 @@
+"""`trainlab compress --method rtn|nupes|ptqtp|... --bits B`: argument errors name the argument (exit 2); a run
+writes the packed file, results.json (pruning's keys plus bits) and report.md; the file reloads to the same
+model the metric was measured on."""
+
+import json
+
+import pytest
+import torch
+
+from trainlab.cli import main
+from trainlab.compress.cli import quant_methods
+from trainlab.compress.pipeline import QUANT_ALLOCATORS, trained_model
+from trainlab.compress.quant.apply import METHODS, load_quantized_model
+from trainlab.lab.workloads import get_workload
+
+STEPS = "40"
+SIZES = {"1": 64 * 128, "3": 128 * 128, "5": 128 * 10}  # digits-mlp's Linear layers
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(cache, out, *args):
+    return main(["compress", *args, "--steps", STEPS, "--cache-dir", str(cache), "--out", str(out), "--quiet"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "rtn"], "--bits"),
+        (["--method", "rtn", "--bits", "9"], "--bits"),
+        (["--method", "rtn", "--bits", "x"], "--bits"),
+        (["--method", "rtn", "--bits", "2.5"], "--bits 2.5 is fractional"),
+        (["--method", "rtn", "--bits", "3", "--sparsity", "0.5"], "--sparsity"),
+        (["--method", "rtn", "--bits", "3", "--recover", "perp"], "--recover"),
+        (["--method", "rtn", "--bits", "3", "--allocator", "global"], "--allocator global"),
+        (["--method", "rtn", "--bits", "3", "--group-size", "0"], "--group-size"),
+        (["--method", "ptqtp", "--bits", "4"], "--bits for --method ptqtp"),
+        (["--method", "ptqtp", "--second-order"], "--second-order"),
+        (["--method", "vptq", "--bits", "2", "--group-size", "8"], "--group-size"),
+        (["--method", "vptq", "--bits", "5"], "--bits for --method vptq"),
+        (["--method", "nupes", "--bits", "3", "--allocator", "baq"], "--allocator baq"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--bits", "3"], "--bits"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--second-order"], "--second-order"),
+        (["--method", "quantize", "--bits", "3"], "--method"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(tmp_path, capsys, args, message):
+    argv = ["compress", "--workload", "digits-mlp", *args, "--out", str(tmp_path), "--cache-dir", str(tmp_path)]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_mixed_allocators_reject_fixed_width_methods_and_pruning(tmp_path, capsys):
+    mixed = [a for a in QUANT_ALLOCATORS if a != "uniform"]
+    if not mixed:
+        pytest.skip("no mixed-precision allocator registered")
+    for argv in (["--method", "ptqtp", "--allocator", mixed[0]], ["--method", "magnitude", "--sparsity", "0.5",
+                                                                   "--allocator", mixed[0]]):  # fmt: skip
+        assert _run(tmp_path, tmp_path, "--workload", "digits-mlp", *argv) == 2
+        assert f"--allocator {mixed[0]}" in capsys.readouterr().err
+
+
+def test_methods_are_a_dispatch_table_shared_with_the_cli():
+    assert {"rtn", "ptqtp"} <= set(quant_methods()) and tuple(METHODS) == quant_methods()
+
+
+def test_rtn_3_bits_writes_results_report_and_a_packed_file_that_reloads(cache, tmp_path):
+    out = tmp_path / "rtn"
+    assert _run(cache, out, "--workload", "digits-mlp", "--method", "rtn", "--bits", "3") == 0
+    r = json.loads((out / "results.json").read_text())
+    assert {"metric_before", "metric_after", "file_bytes_before", "file_bytes_after", "levels", "method",
+            "allocator", "bits"} <= set(r)  # fmt: skip
+    assert (r["method"], r["allocator"], r["bits"], r["second_order"]) == ("rtn", "uniform", 3, False)
+    assert r["levels"] == dict.fromkeys(SIZES, 3)
+    files = list(out.glob("model-rtn-*.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size == r["file_bytes_after"]
+    # codes at 3 bits + float16 scales per row + float32 biases + header (< 4 KB)
+    nominal = sum(-(-n * 3 // 8) for n in SIZES.values()) + 2 * (128 + 128 + 10) + 4 * (128 + 128 + 10)
+    assert nominal <= r["file_bytes_after"] < nominal + 4096
+    assert r["file_bytes_after"] < r["file_bytes_before"] / 8
+    w = get_workload("digits-mlp")
+    reloaded = load_quantized_model(files[0], w.make_model)
+    assert w.evaluate(reloaded) == pytest.approx(r["metric_after"], abs=0)
+    dense = trained_model(w, 0, int(STEPS), cache)
+    assert r["metric_before"] == pytest.approx(w.evaluate(dense), abs=0)
+    # the reloaded weights lie on a 3-bit grid: at most 8 distinct values per row
+    assert max(len(torch.unique(row)) for row in reloaded[3].weight) <= 8
+    assert "| 3 (mean 3) |" in (out / "report.md").read_text()
+
+
+def test_second_order_and_ptqtp_runs(cache, tmp_path):
+    assert _run(cache, tmp_path / "g", "--workload", "digits-mlp", "--method", "rtn", "--bits", "3",
+                "--second-order", "--group-size", "32") == 0  # fmt: skip
+    r = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert r["second_order"] is True and r["group_size"] == 32
+    assert _run(cache, tmp_path / "t", "--workload", "digits-mlp", "--method", "ptqtp") == 0
+    t = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert t["bits"] == 3 and t["levels"] == dict.fromkeys(SIZES, 3)
+    # two trit-planes: 3.2 bits per weight packed, more than 3-bit codes, much less than float32
+    assert r["file_bytes_after"] < t["file_bytes_after"] < t["file_bytes_before"] / 7
+
+
+@pytest.mark.parametrize("allocator", [a for a in ("hawq", "baq") if a in QUANT_ALLOCATORS])
+def test_mixed_precision_allocators_keep_the_average_and_reload(cache, tmp_path, allocator):
+    out = tmp_path / allocator
+    assert _run(cache, out, "--workload", "digits-mlp", "--method", "rtn", "--bits", "3", "--allocator", allocator) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert (r["allocator"], r["bits"]) == (allocator, 3)
+    assert sum(r["levels"][k] * n for k, n in SIZES.items()) == pytest.approx(3 * sum(SIZES.values()))
+    assert r["mean_bits"] == pytest.approx(3)
+    w = get_workload("digits-mlp")
+    (path,) = out.glob("model-rtn-*.safetensors")
+    assert w.evaluate(load_quantized_model(path, w.make_model)) == pytest.approx(r["metric_after"], abs=0)
+    assert r["file_bytes_after"] < r["file_bytes_before"] / 6
