@@ -37,6 +37,23 @@ def _run(cache, out, *args):
         (["--method", "magnitude", "--sparsity", "0.5", "--allocator", "greedy"], "--allocator"),
         (["--method", "prune", "--sparsity", "0.5"], "--method"),
         (["--method", "magnitude", "--sparsity", "0.5", "--recover-steps", "0"], "--recover-steps"),
+        # quantization methods (`--bits`)
+        (["--method", "rtn"], "--bits"),
+        (["--method", "rtn", "--bits", "9"], "--bits"),
+        (["--method", "rtn", "--bits", "x"], "--bits"),
+        (["--method", "rtn", "--bits", "2.5"], "--bits 2.5 is fractional"),
+        (["--method", "rtn", "--bits", "3", "--sparsity", "0.5"], "--sparsity"),
+        (["--method", "rtn", "--bits", "3", "--recover", "perp"], "--recover"),
+        (["--method", "rtn", "--bits", "3", "--allocator", "global"], "--allocator global"),
+        (["--method", "rtn", "--bits", "3", "--group-size", "0"], "--group-size"),
+        (["--method", "ptqtp", "--bits", "4"], "--bits for --method ptqtp"),
+        (["--method", "ptqtp", "--second-order"], "--second-order"),
+        (["--method", "vptq", "--bits", "2", "--group-size", "8"], "--group-size"),
+        (["--method", "vptq", "--bits", "5"], "--bits for --method vptq"),
+        (["--method", "nupes", "--bits", "3", "--allocator", "baq"], "--allocator baq"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--bits", "3"], "--bits"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--second-order"], "--second-order"),
+        (["--method", "quantize", "--bits", "3"], "--method"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(tmp_path, capsys, args, message):

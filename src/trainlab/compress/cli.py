@@ -255,18 +255,13 @@ def results_json(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_compress(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+def _dense_setup(args: argparse.Namespace) -> tuple[Any, Path, nn.Module, float, int, list[torch.Tensor]]:
+    """The workload's trained dense model (cached), its metric and saved size, and calibration batches."""
     from trainlab.compress.calibrate import calibration_inputs
     from trainlab.compress.export import save_dense
     from trainlab.compress.pipeline import default_cache_dir, trained_model
     from trainlab.lab.workloads import get_workload
 
-    torch.set_num_threads(1)
-    if args.method in quant_methods():
-        return run_quantize(args)
-    sparsities = _check(args)
     workload = get_workload(args.workload)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +269,17 @@ def run_compress(args: argparse.Namespace) -> int:
     model = trained_model(workload, args.seed, args.steps, cache, progress=not args.quiet)
     before = workload.evaluate(model)
     dense_bytes = save_dense(model, out / "model-dense.safetensors")
-    calibration = calibration_inputs(workload, args.calibration_batches)
+    return workload, out, model, before, dense_bytes, calibration_inputs(workload, args.calibration_batches)
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(1)
+    if args.method in quant_methods():
+        return run_quantize(args)
+    sparsities = _check(args)
+    workload, out, model, before, dense_bytes, calibration = _dense_setup(args)
     records = []
     for s in tqdm(sparsities, desc="sparsities", disable=args.quiet or len(sparsities) == 1):
         pruned, path, levels = _compress_one(args, model, s, calibration, out)
@@ -351,21 +356,10 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     """Quantize the workload's trained model; write the packed file, results.json and report.md."""
-    from trainlab.compress.calibrate import calibration_inputs
-    from trainlab.compress.export import save_dense
-    from trainlab.compress.pipeline import default_cache_dir, trained_model
     from trainlab.compress.quant.apply import save_quantized_model
-    from trainlab.lab.workloads import get_workload
 
     _check_quant(args)
-    workload = get_workload(args.workload)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    model = trained_model(workload, args.seed, args.steps, cache, progress=not args.quiet)
-    before = workload.evaluate(model)
-    dense_bytes = save_dense(model, out / "model-dense.safetensors")
-    calibration = calibration_inputs(workload, args.calibration_batches)
+    workload, out, model, before, dense_bytes, calibration = _dense_setup(args)
     qm = _quantize(args, workload, model, calibration)
     levels = qm.bits
     path = out / f"model-{args.method}-{args.bits:g}bit.safetensors"

@@ -1,5 +1,5 @@
-"""`trainlab compress --method rtn|nupes|ptqtp|... --bits B`: argument errors name the argument (exit 2); a run
-writes the packed file, results.json (pruning's keys plus bits) and report.md; the file reloads to the same
+"""`trainlab compress --method rtn|nupes|ptqtp|... --bits B` (its argument errors are tested with pruning's, in
+tests/compress/test_cli.py): a run writes the packed file, results.json (pruning's keys plus bits) and report.md; the file reloads to the same
 model the metric was measured on."""
 
 import json
@@ -24,38 +24,6 @@ def cache(tmp_path_factory):
 
 def _run(cache, out, *args):
     return main(["compress", *args, "--steps", STEPS, "--cache-dir", str(cache), "--out", str(out), "--quiet"])
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--method", "rtn"], "--bits"),
-        (["--method", "rtn", "--bits", "9"], "--bits"),
-        (["--method", "rtn", "--bits", "x"], "--bits"),
-        (["--method", "rtn", "--bits", "2.5"], "--bits 2.5 is fractional"),
-        (["--method", "rtn", "--bits", "3", "--sparsity", "0.5"], "--sparsity"),
-        (["--method", "rtn", "--bits", "3", "--recover", "perp"], "--recover"),
-        (["--method", "rtn", "--bits", "3", "--allocator", "global"], "--allocator global"),
-        (["--method", "rtn", "--bits", "3", "--group-size", "0"], "--group-size"),
-        (["--method", "ptqtp", "--bits", "4"], "--bits for --method ptqtp"),
-        (["--method", "ptqtp", "--second-order"], "--second-order"),
-        (["--method", "vptq", "--bits", "2", "--group-size", "8"], "--group-size"),
-        (["--method", "vptq", "--bits", "5"], "--bits for --method vptq"),
-        (["--method", "nupes", "--bits", "3", "--allocator", "baq"], "--allocator baq"),
-        (["--method", "magnitude", "--sparsity", "0.5", "--bits", "3"], "--bits"),
-        (["--method", "magnitude", "--sparsity", "0.5", "--second-order"], "--second-order"),
-        (["--method", "quantize", "--bits", "3"], "--method"),
-    ],
-)
-def test_bad_arguments_exit_2_naming_the_argument(tmp_path, capsys, args, message):
-    argv = ["compress", "--workload", "digits-mlp", *args, "--out", str(tmp_path), "--cache-dir", str(tmp_path)]
-    try:
-        code = main(argv)
-    except SystemExit as exit:  # argparse's own checks
-        code = exit.code
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "results.json").exists()
 
 
 def test_mixed_allocators_reject_fixed_width_methods_and_pruning(tmp_path, capsys):
