@@ -160,10 +160,10 @@ def allocate_bits(
     **options: object,
 ) -> dict[str, int]:
     """Bit-width per compressible layer with average ``bits`` (weighted by layer size) chosen by ``allocator``;
-    ``uniform`` needs an integer ``bits``. ``hawq`` and ``evopress`` (:mod:`.quant.mixed`) pick among 2, 3, 4
-    and 8 bits, measured with RTN on a uniform grid (``second_order``/``group_size`` in ``options``), and reach
-    the average exactly; ``method`` then quantizes each layer at its bit-width. ``baq`` allocates per column, not
-    per layer: use :func:`trainlab.compress.quant.apply.quantize_model_baq`."""
+    ``uniform`` needs an integer ``bits``. ``hawq`` and ``evopress`` (:mod:`.quant.mixed`) pick among
+    ``mixed.DEFAULT_CHOICES`` bits, measured with RTN on a uniform grid (``second_order``/``group_size`` in
+    ``options``), and reach the average exactly; ``method`` then quantizes each layer at its bit-width. ``baq``
+    allocates per column, not per layer: use :func:`trainlab.compress.quant.apply.quantize_model_baq`."""
     if allocator not in QUANT_ALLOCATORS:
         raise ValueError(f"unknown bit allocator {allocator!r}; choose one of: {', '.join(QUANT_ALLOCATORS)}")
     layers = compressible_layers(model)
