@@ -1,6 +1,6 @@
-"""`trainlab compress --method rtn|nupes|ptqtp|... --bits B` (its argument errors are tested with pruning's, in
-tests/compress/test_cli.py): a run writes the packed file, results.json (pruning's keys plus bits) and report.md; the file reloads to the same
-model the metric was measured on."""
+"""`trainlab compress --method rtn|nupes|ptqtp|... --bits B`: a run writes the packed file, results.json (pruning's
+keys plus bits) and report.md; the file reloads to the same model the metric was measured on. Argument errors are
+tested with pruning's, in tests/compress/test_cli.py."""
 
 import json
 
@@ -26,18 +26,24 @@ def _run(cache, out, *args):
     return main(["compress", *args, "--steps", STEPS, "--cache-dir", str(cache), "--out", str(out), "--quiet"])
 
 
-def test_mixed_allocators_reject_fixed_width_methods_and_pruning(tmp_path, capsys):
-    mixed = [a for a in QUANT_ALLOCATORS if a != "uniform"]
-    if not mixed:
-        pytest.skip("no mixed-precision allocator registered")
-    for argv in (["--method", "ptqtp", "--allocator", mixed[0]], ["--method", "magnitude", "--sparsity", "0.5",
-                                                                   "--allocator", mixed[0]]):  # fmt: skip
-        assert _run(tmp_path, tmp_path, "--workload", "digits-mlp", *argv) == 2
-        assert f"--allocator {mixed[0]}" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("method", "allocator"),
+    [
+        (["--method", "ptqtp"], "hawq"),  # trit-planes have one fixed width
+        (["--method", "ptqtp"], "baq"),
+        (["--method", "ptqtp"], "evopress"),
+        (["--method", "magnitude", "--sparsity", "0.5"], "hawq"),  # bit allocators don't prune
+        (["--method", "magnitude", "--sparsity", "0.5"], "baq"),
+    ],
+)
+def test_mixed_allocators_reject_fixed_width_methods_and_pruning(tmp_path, capsys, method, allocator):
+    assert allocator in QUANT_ALLOCATORS
+    assert _run(tmp_path, tmp_path, "--workload", "digits-mlp", *method, "--allocator", allocator) == 2
+    assert f"--allocator {allocator}" in capsys.readouterr().err
 
 
 def test_methods_are_a_dispatch_table_shared_with_the_cli():
-    assert {"rtn", "ptqtp"} <= set(quant_methods()) and tuple(METHODS) == quant_methods()
+    assert set(quant_methods()) == {"rtn", "nupes", "ptqtp", "vptq", "gwq"} and tuple(METHODS) == quant_methods()
 
 
 def test_rtn_3_bits_writes_results_report_and_a_packed_file_that_reloads(cache, tmp_path):
