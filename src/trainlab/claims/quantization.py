@@ -14,8 +14,8 @@ from trainlab.claims.pruning import _dense
 from trainlab.compress.calibrate import calibration_inputs
 from trainlab.compress.pipeline import calibration_batches, default_cache_dir, trained_model
 from trainlab.compress.plan import compressible_layers
-from trainlab.compress.quant.apply import collect_layer_hessians, flat_weight, layer_gradients, layer_loss
-from trainlab.compress.quant.gptq import quantize_gptq
+from trainlab.compress.quant.apply import flat_weight, layer_gradients, layer_loss
+from trainlab.compress.quant.gptq import collect_hessians, quantize_gptq
 from trainlab.compress.quant.grids import UniformGrid, quantize_rtn, sqnr_db
 from trainlab.compress.quant.gwq import quantize_gwq
 from trainlab.compress.quant.nupes import quantize_nupes
@@ -58,7 +58,7 @@ def _setup(workload: str = "digits-mlp", batches: int = 4):
     model = _dense(workload) if workload != "pylm" else _pylm()
     calib = calibration_inputs(get_workload(workload), batches)
     layers = compressible_layers(model)
-    hessians = collect_layer_hessians(model, calib, layers)
+    hessians = collect_hessians(model, calib, layers)
     return model, calib, {k: (flat_weight(m).float(), hessians[k]) for k, m in layers.items()}
 
 

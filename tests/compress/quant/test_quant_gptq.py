@@ -146,3 +146,28 @@ def test_groups_are_fitted_on_updated_weights():
     assert torch.equal(result.params[0].scale, grid.fit(w[:, :8]).scale)  # nothing updated before group 0
     for g in range(1, 6):  # later groups see the compensation of earlier rounding errors
         assert not torch.equal(result.params[g].scale, grid.fit(w[:, 8 * g : 8 * g + 8]).scale)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, padding=1, stride=2, dilation=1),
+        nn.Conv2d(2, 3, (2, 3), dilation=2),
+        nn.Conv1d(3, 5, 3, padding=2),
+    ],
+    ids=["conv2d-strided", "conv2d-dilated", "conv1d"],
+)
+def test_conv_hessian_gives_the_output_error_of_a_weight_perturbation(conv):
+    # With H = 2 X^T X / n over the unfolded patches, ½ tr(E H E^T) is the mean over output positions of
+    # |conv(x, E)|², computed here by the convolution itself, not by unfold.
+    torch.manual_seed(0)
+    conv = conv.double()
+    shape = (4, conv.in_channels, 9, 8) if isinstance(conv, nn.Conv2d) else (4, conv.in_channels, 11)
+    inputs = [torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)]
+    hessian = collect_hessians(conv, inputs, layers={"conv": conv})["conv"]
+    e = torch.randn_like(conv.weight)
+    outs = [conv._conv_forward(x, e, None) for x in inputs]
+    positions = sum(o[:, 0].numel() for o in outs)
+    expected = sum(o.square().sum() for o in outs) / positions
+    flat = e.reshape(e.shape[0], -1)
+    assert torch.allclose(0.5 * ((flat @ hessian) * flat).sum(), expected, rtol=1e-10)

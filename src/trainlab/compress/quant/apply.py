@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -30,7 +29,6 @@ from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.pack import dequantized_state, pack_codes, save_quantized, unpack_codes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
-from trainlab.lab.workloads.supervised import evaluating
 
 # (weight (rows, cols), bits, hessian or None, group_size, gradient or None) -> an object with .dequantize() that
 # pack can store
@@ -149,49 +147,6 @@ def flat_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().reshape(module.weight.shape[0], -1)
 
 
-def collect_layer_hessians(
-    model: nn.Module, inputs: Sequence[torch.Tensor], layers: Mapping[str, nn.Module]
-) -> dict[str, torch.Tensor]:
-    """``2 X^T X / n`` for each layer; Linear inputs through :func:`collect_hessians`, conv inputs unfolded into
-    patches (one row per output position) so that ``X`` matches the flattened kernel."""
-    linear = {k: m for k, m in layers.items() if isinstance(m, nn.Linear)}
-    convs = {k: m for k, m in layers.items() if not isinstance(m, nn.Linear)}
-    out = collect_hessians(model, inputs, linear) if linear else {}
-    if not convs:
-        return out
-    sums = {
-        k: torch.zeros(flat_weight(m).shape[1], flat_weight(m).shape[1], dtype=torch.float64) for k, m in convs.items()
-    }
-    counts = dict.fromkeys(convs, 0)
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if isinstance(module, nn.Conv1d):
-                x = x.unsqueeze(-1)
-                kernel, dil, pad, stride = (module.kernel_size[0], 1), (module.dilation[0], 1), (
-                    module.padding[0], 0), (module.stride[0], 1)  # fmt: skip
-            else:
-                kernel, dil, pad, stride = module.kernel_size, module.dilation, module.padding, module.stride
-            if isinstance(pad, str) or module.groups != 1:
-                raise ValueError(f"layer {name!r}: second-order compensation needs groups=1 and numeric padding")
-            patches = F.unfold(x, kernel, dil, pad, stride).transpose(1, 2).reshape(-1, sums[name].shape[0]).double()
-            sums[name] += patches.T @ patches
-            counts[name] += patches.shape[0]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(k)) for k, m in convs.items()]
-    try:
-        with evaluating(model):
-            for x in inputs:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {**out, **{k: 2 * sums[k] / max(counts[k], 1) for k in convs}}
-
-
 @dataclass
 class QuantizedModel:
     """``model``: a copy with every quantized layer's weight replaced by its dequantized value; ``weights``:
@@ -245,7 +200,7 @@ def quantize_model(
     if use_hessian and hessians is None:
         if not calibration:
             raise ValueError(f"method {method!r} with second-order compensation needs calibration inputs")
-        hessians = collect_layer_hessians(model, calibration, layers)
+        hessians = collect_hessians(model, calibration, layers)
     out = copy.deepcopy(model)
     out_layers = compressible_layers(out)
     packed: dict[str, Any] = {}
@@ -280,7 +235,7 @@ def quantize_model_baq(
         raise ValueError(f"BAQ supports Linear layers only; got conv layers {convs}")
     if not calibration:
         raise ValueError("BAQ needs calibration inputs")
-    hessians = collect_layer_hessians(model, calibration, layers)
+    hessians = collect_hessians(model, calibration, layers)
     out = copy.deepcopy(model)
     out_layers = compressible_layers(out)
     packed, mean = {}, {}

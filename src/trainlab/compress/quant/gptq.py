@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
@@ -132,22 +133,45 @@ def quantize_gptq(
     return grid.encode(result.weight, GridParams.cat(result.params))
 
 
+HESSIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``X`` that ``module``'s weight, flattened to ``(out, -1)``, multiplies: a Linear's inputs (every
+    leading dimension a sample), a convolution's input patches (one row per output position, ``F.unfold`` order)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module.padding, str) or module.groups != 1:
+        raise ValueError(f"{type(module).__name__} needs groups=1 and numeric padding for a calibration Hessian")
+    if isinstance(module, nn.Conv1d):  # as a Conv2d with a kernel of width 1
+        x = x.unsqueeze(-1)
+        kernel, dilation = (module.kernel_size[0], 1), (module.dilation[0], 1)
+        padding, stride = (module.padding[0], 0), (module.stride[0], 1)
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    patches = F.unfold(x, kernel, dilation, padding, stride)  # (batch, in * kernel area, positions)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
 def collect_hessians(
     model: nn.Module, inputs: Sequence[torch.Tensor], layers: Mapping[str, nn.Module] | None = None
 ) -> dict[str, torch.Tensor]:
-    """``H = 2 X^T X / n`` (float64) of the inputs ``X`` reaching each ``nn.Linear`` (all of ``model``'s by default,
-    or those in ``layers``) while the model runs on ``inputs``; every leading dimension counts as a sample."""
+    """``H = 2 X^T X / n`` (float64) of the inputs ``X`` (:func:`layer_input_rows`) reaching each Linear or
+    convolution (all of ``model``'s Linear layers by default, or those in ``layers``) while the model runs on
+    ``inputs``."""
     if layers is None:
         layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, module in layers.items():
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"layers[{name!r}] must be an nn.Linear, got {type(module).__name__}")
-    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
+        if not isinstance(module, HESSIAN_LAYERS):
+            raise ValueError(f"layers[{name!r}] must be an nn.Linear, Conv1d or Conv2d, got {type(module).__name__}")
+    sums = {
+        name: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64) for name, m in layers.items()
+    }
     counts = dict.fromkeys(layers, 0)
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = layer_input_rows(module, args[0].detach()).double()
             sums[name] += x.T @ x
             counts[name] += x.shape[0]
 
