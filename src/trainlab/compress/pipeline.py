@@ -3,6 +3,7 @@ databases and calibration measurements; plus the cached dense checkpoint the CLI
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Sequence
@@ -43,11 +44,9 @@ def trained_model(
     if path is not None and path.exists():
         torch.manual_seed(seed)
         model = workload.make_model()
-        try:
+        with contextlib.suppress(RuntimeError, KeyError, EOFError):  # a stale or truncated entry is retrained
             model.load_state_dict(torch.load(path, weights_only=True))
             return model
-        except (RuntimeError, KeyError, EOFError):  # stale or truncated cache entry
-            pass
     hp = resolve_hyperparameters("adamw", workload, None)
     bar = tqdm(total=steps, desc=f"train {workload.name}", disable=not progress, leave=False)
     result = train(
