@@ -7,13 +7,16 @@ hypothesis of layer-adaptive pruning needs: each distortion curve is taken with 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlab.compress.plan import compressible_layers
 from trainlab.lab.runner import batch_generator
 from trainlab.lab.workloads.base import Workload
 from trainlab.lab.workloads.supervised import evaluating
@@ -53,6 +56,28 @@ def kl_to_dense(dense: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     p = F.log_softmax(dense.reshape(-1, dense.shape[-1]).double(), dim=-1)
     q = F.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1)
     return F.kl_div(q, p, log_target=True, reduction="batchmean")
+
+
+def staged_kl_fitness(
+    model: nn.Module, calibration: Sequence[torch.Tensor], weight_at: Callable[[str, Any], torch.Tensor]
+) -> Callable[[Mapping[str, Any], int, int], float]:
+    """EvoPress's fitness: the mean KL to ``model``'s outputs of a copy whose layers carry
+    ``weight_at(name, level)`` for a child's ``{name: level}``. Stage 0 scores every child on one calibration
+    batch (another one each generation), later stages on all of them (fresh data per stage, the same for all
+    children)."""
+    work = copy.deepcopy(model)
+    layers = compressible_layers(work)
+    dense = model_outputs(model, calibration)
+
+    def fitness(levels: Mapping[str, Any], stage: int, generation: int) -> float:
+        with torch.no_grad():
+            for name, level in levels.items():
+                layers[name].weight.copy_(weight_at(name, level))
+        picked = [generation % len(calibration)] if stage == 0 else range(len(calibration))
+        with evaluating(work):
+            return sum(kl_to_dense(dense[i], work(calibration[i])).item() for i in picked) / len(picked)
+
+    return fitness
 
 
 def distortion_curves(

@@ -14,11 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab.compress import allocate as alloc
-from trainlab.compress.calibrate import distortion_curves, kl_to_dense, model_outputs
+from trainlab.compress.calibrate import distortion_curves, kl_to_dense, model_outputs, staged_kl_fitness
 from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.prune import MagnitudeLevels, check_sparsity, kept_count
 from trainlab.lab.workloads.base import Workload
-from trainlab.lab.workloads.supervised import evaluating
 
 ALLOCATORS = ("uniform", "global", "layer-adaptive", "evopress")
 LAYER_ADAPTIVE_GRID = tuple(i / 50 for i in range(50))  # sparsity 0, 0.02, ..., 0.98 (spec P17)
@@ -111,20 +110,8 @@ def _evopress(
     progress: bool,
     **options: object,
 ) -> dict[str, int]:
-    """Fitness = KL to the dense model; stage 0 scores every child on one calibration batch (a different one
-    each generation), the last stage on all of them (spec P8: fresh data per stage, same for all children)."""
-    work = copy.deepcopy(model)
-    layers = compressible_layers(work)
-    dense = model_outputs(model, calibration)
-
-    def fitness(kept: dict[str, int], stage: int, generation: int) -> float:
-        with torch.no_grad():
-            for name, k in kept.items():
-                layers[name].weight.copy_(db.weight(name, k))
-        picked = [generation % len(calibration)] if stage == 0 else range(len(calibration))
-        with evaluating(work):
-            return sum(kl_to_dense(dense[i], work(calibration[i])).item() for i in picked) / len(picked)
-
+    """EvoPress over kept-weight counts with :func:`staged_kl_fitness` (KL to the dense model)."""
+    fitness = staged_kl_fitness(model, calibration, db.weight)
     generations = int(options.get("generations", 50))
     bar = tqdm(total=generations, desc="evopress", disable=not progress, leave=False)
     kept = alloc.evopress(sizes, sparsity, fitness, progress=bar.update, **options)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab.compress import allocate as alloc
-from trainlab.compress.calibrate import kl_to_dense, model_outputs
+from trainlab.compress.calibrate import kl_to_dense, model_outputs, staged_kl_fitness
 from trainlab.compress.plan import compressible_layers
 from trainlab.compress.quant.gptq import DAMP, GPTQResult, collect_hessians, gptq, quantize_gptq
 from trainlab.compress.quant.grids import MAX_BITS, MIN_BITS, UniformGrid, check_bits, check_group_size, check_weight
@@ -595,25 +595,15 @@ def _evopress(
     progress: bool,
     options: dict,
 ) -> dict[str, int]:
-    """Start: every layer at ``avg_bits`` when that is a choice, else the exact DP on the weight perturbation.
-    Stage 0 scores each child on one calibration batch (another one each generation), the last on all."""
+    """Start: every layer at ``avg_bits`` when that is a choice, else the exact DP on the weight perturbation;
+    fitness: :func:`~trainlab.compress.calibrate.staged_kl_fitness`."""
     allowed = {"generations", "offspring", "survivors", "max_step"}
     if set(options) - allowed:
         raise ValueError(f"unknown options for evopress: {sorted(set(options) - allowed)}")
     start = None
     if avg_bits not in _check_choices(choices):
         start = hawq_allocate(dict.fromkeys(sizes, 1.0), pert, sizes, avg_bits)
-    work = copy.deepcopy(model)
-    work_layers = compressible_layers(work)
-    dense = model_outputs(model, calibration)
-
-    def fitness(bits: dict[str, int], stage: int, generation: int) -> float:
-        with torch.no_grad():
-            for name, b in bits.items():
-                work_layers[name].weight.copy_(db[name][b])
-        picked = [generation % len(calibration)] if stage == 0 else range(len(calibration))
-        with evaluating(work):
-            return sum(kl_to_dense(dense[i], work(calibration[i])).item() for i in picked) / len(picked)
+    fitness = staged_kl_fitness(model, calibration, lambda name, b: db[name][b])
 
     generations = int(options.get("generations", 50))
     bar = tqdm(total=generations, desc="evopress bits", disable=not progress, leave=False)
