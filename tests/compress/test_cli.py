@@ -11,17 +11,6 @@ from trainlab.cli import main
 from trainlab.compress.pipeline import trained_model
 from trainlab.lab.workloads import get_workload
 
-STEPS = "40"  # a short dense run keeps the test fast; the checkpoint is cached per (workload, seed, steps)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def _run(cache, out, *args):
-    return main(["compress", *args, "--steps", STEPS, "--cache-dir", str(cache), "--out", str(out), "--quiet"])
-
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -67,16 +56,18 @@ def test_bad_arguments_exit_2_naming_the_argument(tmp_path, capsys, args, messag
     assert not (tmp_path / "results.json").exists()
 
 
-def test_unknown_workload_is_an_error(tmp_path, capsys):
-    assert _run(tmp_path, tmp_path, "--workload", "nope", "--method", "magnitude", "--sparsity", "0.5") == 2
+def test_unknown_workload_is_an_error(compress_cli, tmp_path, capsys):
+    assert compress_cli(tmp_path, tmp_path, "--workload", "nope", "--method", "magnitude", "--sparsity", "0.5") == 2
     assert "unknown workload 'nope'" in capsys.readouterr().err
 
 
-def test_several_sparsities_write_results_report_plot_and_reuse_the_checkpoint(cache, tmp_path):
+def test_several_sparsities_write_results_report_plot_and_reuse_the_checkpoint(
+    compress_cli, cache, dense_steps, tmp_path
+):
     out = tmp_path / "a"
-    assert _run(cache, out, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.5,0.9",
+    assert compress_cli(cache, out, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.5,0.9",
                 "--allocator", "global") == 0  # fmt: skip
-    checkpoint = cache / f"digits-mlp-seed0-steps{STEPS}.pt"
+    checkpoint = cache / f"digits-mlp-seed0-steps{dense_steps}.pt"
     stamp = checkpoint.stat().st_mtime_ns
     r = json.loads((out / "results.json").read_text())
     assert {"metric_before", "metric_after", "file_bytes_before", "file_bytes_after", "levels", "method",
@@ -94,14 +85,17 @@ def test_several_sparsities_write_results_report_plot_and_reuse_the_checkpoint(c
     plan = json.loads((out / "plan-magnitude-0.9.json").read_text())
     assert [rule[0] for rule in plan] == ["1", "3", "5"]
     # a second run reuses the cached dense checkpoint: same model, same metric, checkpoint untouched
-    assert _run(cache, tmp_path / "b", "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.9") == 0
+    assert (
+        compress_cli(cache, tmp_path / "b", "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.9")
+        == 0
+    )
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert again["metric_before"] == r["metric_before"] and checkpoint.stat().st_mtime_ns == stamp
     assert not (tmp_path / "b" / "metric_vs_sparsity.png").exists()
 
 
-def test_nm_with_perp_recovery(cache, tmp_path):
-    assert _run(cache, tmp_path, "--workload", "digits-mlp", "--method", "nm", "--pattern", "2:4",
+def test_nm_with_perp_recovery(compress_cli, cache, tmp_path):
+    assert compress_cli(cache, tmp_path, "--workload", "digits-mlp", "--method", "nm", "--pattern", "2:4",
                 "--recover", "perp", "--recover-steps", "10") == 0  # fmt: skip
     r = json.loads((tmp_path / "results.json").read_text())
     assert (r["sparsity"], r["recover"], r["pattern"]) == (0.5, "perp", "2:4")
@@ -111,15 +105,15 @@ def test_nm_with_perp_recovery(cache, tmp_path):
 
 
 @pytest.mark.parametrize("allocator", ["layer-adaptive", "evopress"])
-def test_calibrated_allocators_run(cache, tmp_path, allocator):
-    assert _run(cache, tmp_path, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.8",
+def test_calibrated_allocators_run(compress_cli, cache, tmp_path, allocator):
+    assert compress_cli(cache, tmp_path, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.8",
                 "--allocator", allocator, "--calibration-batches", "2") == 0  # fmt: skip
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["allocator"] == allocator and r["file_bytes_after"] < r["file_bytes_before"]
 
 
-def test_structured_method_dispatches_to_sliced_export(cache, tmp_path):
-    assert _run(cache, tmp_path, "--workload", "digits-cnn", "--method", "beta-rank", "--sparsity", "0.5") == 0
+def test_structured_method_dispatches_to_sliced_export(compress_cli, cache, tmp_path):
+    assert compress_cli(cache, tmp_path, "--workload", "digits-cnn", "--method", "beta-rank", "--sparsity", "0.5") == 0
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["levels"] == {"0": 8, "2": 16, "6": 10}  # output channels: half of 16 and 32 kept, classifier whole
     assert r["file_bytes_after"] < 0.6 * r["file_bytes_before"]

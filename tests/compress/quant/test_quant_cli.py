@@ -7,23 +7,12 @@ import json
 import pytest
 import torch
 
-from trainlab.cli import main
 from trainlab.compress.cli import quant_methods
 from trainlab.compress.pipeline import QUANT_ALLOCATORS, trained_model
 from trainlab.compress.quant.apply import METHODS, load_quantized_model
 from trainlab.lab.workloads import get_workload
 
-STEPS = "40"
 SIZES = {"1": 64 * 128, "3": 128 * 128, "5": 128 * 10}  # digits-mlp's Linear layers
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def _run(cache, out, *args):
-    return main(["compress", *args, "--steps", STEPS, "--cache-dir", str(cache), "--out", str(out), "--quiet"])
 
 
 @pytest.mark.parametrize(
@@ -36,9 +25,9 @@ def _run(cache, out, *args):
         (["--method", "magnitude", "--sparsity", "0.5"], "baq"),
     ],
 )
-def test_mixed_allocators_reject_fixed_width_methods_and_pruning(tmp_path, capsys, method, allocator):
+def test_mixed_allocators_reject_fixed_width_methods_and_pruning(compress_cli, tmp_path, capsys, method, allocator):
     assert allocator in QUANT_ALLOCATORS
-    assert _run(tmp_path, tmp_path, "--workload", "digits-mlp", *method, "--allocator", allocator) == 2
+    assert compress_cli(tmp_path, tmp_path, "--workload", "digits-mlp", *method, "--allocator", allocator) == 2
     assert f"--allocator {allocator}" in capsys.readouterr().err
 
 
@@ -46,9 +35,9 @@ def test_methods_are_a_dispatch_table_shared_with_the_cli():
     assert set(quant_methods()) == {"rtn", "nupes", "ptqtp", "vptq", "gwq"} and tuple(METHODS) == quant_methods()
 
 
-def test_rtn_3_bits_writes_results_report_and_a_packed_file_that_reloads(cache, tmp_path):
+def test_rtn_3_bits_writes_results_report_and_a_packed_file_that_reloads(dense_steps, compress_cli, cache, tmp_path):
     out = tmp_path / "rtn"
-    assert _run(cache, out, "--workload", "digits-mlp", "--method", "rtn", "--bits", "3") == 0
+    assert compress_cli(cache, out, "--workload", "digits-mlp", "--method", "rtn", "--bits", "3") == 0
     r = json.loads((out / "results.json").read_text())
     assert {"metric_before", "metric_after", "file_bytes_before", "file_bytes_after", "levels", "method",
             "allocator", "bits"} <= set(r)  # fmt: skip
@@ -63,19 +52,19 @@ def test_rtn_3_bits_writes_results_report_and_a_packed_file_that_reloads(cache, 
     w = get_workload("digits-mlp")
     reloaded = load_quantized_model(files[0], w.make_model)
     assert w.evaluate(reloaded) == pytest.approx(r["metric_after"], abs=0)
-    dense = trained_model(w, 0, int(STEPS), cache)
+    dense = trained_model(w, 0, dense_steps, cache)
     assert r["metric_before"] == pytest.approx(w.evaluate(dense), abs=0)
     # the reloaded weights lie on a 3-bit grid: at most 8 distinct values per row
     assert max(len(torch.unique(row)) for row in reloaded[3].weight) <= 8
     assert "| 3 (mean 3) |" in (out / "report.md").read_text()
 
 
-def test_second_order_and_ptqtp_runs(cache, tmp_path):
-    assert _run(cache, tmp_path / "g", "--workload", "digits-mlp", "--method", "rtn", "--bits", "3",
+def test_second_order_and_ptqtp_runs(compress_cli, cache, tmp_path):
+    assert compress_cli(cache, tmp_path / "g", "--workload", "digits-mlp", "--method", "rtn", "--bits", "3",
                 "--second-order", "--group-size", "32") == 0  # fmt: skip
     r = json.loads((tmp_path / "g" / "results.json").read_text())
     assert r["second_order"] is True and r["group_size"] == 32
-    assert _run(cache, tmp_path / "t", "--workload", "digits-mlp", "--method", "ptqtp") == 0
+    assert compress_cli(cache, tmp_path / "t", "--workload", "digits-mlp", "--method", "ptqtp") == 0
     t = json.loads((tmp_path / "t" / "results.json").read_text())
     assert t["bits"] == 3 and t["levels"] == dict.fromkeys(SIZES, 3)
     # two trit-planes: 3.2 bits per weight packed, more than 3-bit codes, much less than float32
@@ -83,9 +72,12 @@ def test_second_order_and_ptqtp_runs(cache, tmp_path):
 
 
 @pytest.mark.parametrize("allocator", [a for a in ("hawq", "baq") if a in QUANT_ALLOCATORS])
-def test_mixed_precision_allocators_keep_the_average_and_reload(cache, tmp_path, allocator):
+def test_mixed_precision_allocators_keep_the_average_and_reload(compress_cli, cache, tmp_path, allocator):
     out = tmp_path / allocator
-    assert _run(cache, out, "--workload", "digits-mlp", "--method", "rtn", "--bits", "3", "--allocator", allocator) == 0
+    assert (
+        compress_cli(cache, out, "--workload", "digits-mlp", "--method", "rtn", "--bits", "3", "--allocator", allocator)
+        == 0
+    )
     r = json.loads((out / "results.json").read_text())
     assert (r["allocator"], r["bits"]) == (allocator, 3)
     assert sum(r["levels"][k] * n for k, n in SIZES.items()) == pytest.approx(3 * sum(SIZES.values()))
