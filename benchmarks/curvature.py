@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from report import publish  # benchmarks/report.py (the script directory is on sys.path)
 from torch import nn
 
 from trainlab.curvature import hvp, twice_differentiable
@@ -191,10 +192,7 @@ def main() -> None:
     parts.append("## AdaHessian vs pytorch_optimizer.AdaHessian\n")
     parts.append(table([r for w in names for r in versus_pytorch_optimizer(w, args.warmup, args.repeats)]))
     text = "\n".join(parts)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

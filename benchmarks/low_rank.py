@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from report import publish  # benchmarks/report.py (the script directory is on sys.path)
 from torch import nn
 
 from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
@@ -207,10 +208,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     table = run(args)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

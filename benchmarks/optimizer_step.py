@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report import publish  # benchmarks/report.py (the script directory is on sys.path)
 from torch import nn
 
 from trainlab.optim import create, optimizer_names
@@ -211,10 +212,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     table = run(args)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from report import publish  # benchmarks/report.py (the script directory is on sys.path)
 
 from trainlab.compress.quant.gptq import quantize_gptq
 from trainlab.compress.quant.grids import UniformGrid, quantize_rtn
@@ -165,9 +165,7 @@ def main() -> None:
         "(0.52 B/weight) instead of 4. A fused low-bit kernel (as in GPTQ's CUDA kernels) would be needed for a "
         "speed-up; the gap narrows as x has more rows, since the dequantization is paid once per call.",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

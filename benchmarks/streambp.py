@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import publish  # benchmarks/report.py (the script directory is on sys.path)
 
 from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
 from trainlab.lab.workloads.pylm import ByteTransformer, lm_loss
@@ -119,10 +120,7 @@ def main() -> None:
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    print(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":
