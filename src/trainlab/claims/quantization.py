@@ -30,6 +30,7 @@ PTQTP = "PTQTP: Post-Training Quantization to Trit-Planes for Large Language Mod
 VPTQ = "VPTQ: Extreme Low-bit Vector Post-Training Quantization for Large Language Models"
 HAWQ = "HAWQ: Hessian AWare Quantization of Neural Networks with Mixed-Precision"
 BAQ = "Efficient Bit Allocation Quantization (BAQ)"
+GWQ = "GWQ: Gradient-Aware Weight Quantization for Large Language Models"
 RTN = "Uniform affine round-to-nearest quantization (baseline)"
 
 MINILM_TEXTS = (
@@ -211,6 +212,47 @@ def second_order_beats_rtn() -> ClaimResult:
         "= sum over layers of tr((W - Q) H (W - Q)^T), H = 2 X^T X / n on the 4 calibration batches GPTQ used "
         "(damp 0.01); baseline = the same grid with round-to-nearest (NUPES: same exponent; VQ: plain k-means and "
         "nearest centroid). Pass: second order lower for every grid",
+    )
+
+
+@register_claim(
+    "gwq-gradient-outliers-3bit",
+    method="gwq",
+    paper=GWQ,
+    fast=True,
+    promise="Keeping the 1% of weights with the largest loss gradients in float16 (scales refitted without them) "
+    "lowers the calibration loss of 3-bit quantization below plain RTN and below keeping a random 1%",
+)
+def gwq_gradient_outliers() -> ClaimResult:
+    torch.set_num_threads(1)
+    model, _, layers = _setup()
+    w = get_workload("digits-mlp")
+    grads = _gradients()
+    gen = torch.Generator().manual_seed(0)
+    saliency = {
+        "gradient (GWQ)": grads,
+        "magnitude": {k: wt for k, (wt, _) in layers.items()},
+        "random": {k: torch.rand(wt.shape, generator=gen) for k, (wt, _) in layers.items()},
+    }
+    approx = {
+        name: {k: quantize_gwq(wt, 3, sal[k]).dequantize(torch.float32) for k, (wt, _) in layers.items()}
+        for name, sal in saliency.items()
+    }
+    approx["no outliers (RTN)"] = {k: quantize_rtn(wt, 3).dequantize(torch.float32) for k, (wt, _) in layers.items()}
+    loss = {name: round(_total_loss(layers, a), 3) for name, a in approx.items()}
+    acc = {name: round(w.evaluate(_with_weights(model, a)), 4) for name, a in approx.items()}
+    ours = "gradient (GWQ)"
+    return ClaimResult(
+        {f"{ours} calibration loss": loss[ours], f"{ours} accuracy": acc[ours]},
+        {
+            **{f"{n} calibration loss": v for n, v in loss.items() if n != ours},
+            **{f"{n} accuracy": v for n, v in acc.items() if n != ours},
+        },  # fmt: skip
+        loss[ours] < loss["no outliers (RTN)"] and loss[ours] < loss["random"],
+        note="digits-mlp (AdamW, 400 steps, seed 0), 3-bit symmetric per-channel grids with float16 scales; "
+        "gradients averaged over 4 calibration batches; calibration loss = sum over layers of tr(E H E^T) with the "
+        "calibration Hessian; the magnitude criterion (largest |w|) is shown for comparison, not in the pass rule: "
+        "on this model it beats the gradient one clearly (15.6 vs 17.9), as the spec's prototype also found",
     )
 
 
