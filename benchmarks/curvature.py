@@ -28,10 +28,10 @@ from report import publish  # benchmarks/report.py (the script directory is on s
 from torch import nn
 
 from trainlab.curvature import hvp, twice_differentiable
-from trainlab.lab.runner import batch_generator
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create
 from trainlab.optim.accounting import state_bytes
+from trainlab.runtime import batch_generator
 
 WORKLOADS = ("digits-mlp", "pylm")
 ALGORITHMS = ("adamw", "sgd", "adahessian", "mfac", "mkor")

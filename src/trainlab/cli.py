@@ -57,7 +57,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from trainlab.lab.claims import all_claims
+    from trainlab.claims.registry import all_claims
     from trainlab.lab.workloads import get_workload, workload_names
     from trainlab.optim import get_spec, optimizer_names
     from trainlab.schedules import scheduler_names
@@ -79,7 +79,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from trainlab.lab.verify import render, verify
+    from trainlab.claims.verify import render, verify
 
     verdicts = verify(fast_only=args.fast, only=args.only, out=Path(args.out), progress=not args.quiet)
     print(render(verdicts))

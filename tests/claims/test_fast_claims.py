@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainlab.lab.claims import all_claims
+from trainlab.claims.registry import all_claims
 from trainlab.optim import optimizer_names
 
 FAST = all_claims(fast_only=True)

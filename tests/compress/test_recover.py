@@ -83,7 +83,7 @@ def test_recover_perp_on_a_workload_improves_the_pruned_model():
     model = w.make_model()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
-        from trainlab.lab.runner import batch_generator
+        from trainlab.runtime import batch_generator
 
         opt.zero_grad()
         w.loss(model, w.make_batch(64, batch_generator(0, step))).backward()

@@ -24,10 +24,18 @@ def _tiny() -> Workload:
         return (model(x[200:]).argmax(-1) == y[200:]).float().mean().item()
 
     return Workload(
-        name="tiny", description="linearly separable toy data",
+        name="tiny",
+        description="linearly separable toy data",
         make_model=lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)),
-        make_batch=make_batch, loss=loss, evaluate=evaluate, metric="accuracy", higher_is_better=True,
-        target=0.9, steps=60, batch_size=16, eval_every=10,
+        make_batch=make_batch,
+        loss=loss,
+        evaluate=evaluate,
+        metric="accuracy",
+        higher_is_better=True,
+        target=0.9,
+        steps=60,
+        batch_size=16,
+        eval_every=10,
         hyperparameters={"adamw": {"lr": 1e-2}},
     )
 

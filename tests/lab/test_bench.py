@@ -10,9 +10,20 @@ from trainlab.lab.report import performance_ratios, profile_curve, profile_score
 from trainlab.lab.workloads import base
 
 RUN_KEYS = {
-    "workload", "algorithm", "seed", "hyperparameters", "final_metric", "best_metric", "steps_to_target",
-    "time_to_target_s", "wall_time_s", "step_time_ms_median", "peak_rss_bytes", "optimizer_state_bytes",
-    "diverged", "curve",
+    "workload",
+    "algorithm",
+    "seed",
+    "hyperparameters",
+    "final_metric",
+    "best_metric",
+    "steps_to_target",
+    "time_to_target_s",
+    "wall_time_s",
+    "step_time_ms_median",
+    "peak_rss_bytes",
+    "optimizer_state_bytes",
+    "diverged",
+    "curve",
 }
 
 
@@ -23,8 +34,15 @@ def registered_tiny(tiny, monkeypatch):
 
 
 def test_bench_writes_results_report_and_plots(registered_tiny, tmp_path):
-    config = BenchConfig(workloads=["tiny"], algorithms=["adamw", "sgd"], seeds=2, steps=30, out=tmp_path,
-                         hyperparameters={"sgd": {"lr": 0.05}}, progress=False)
+    config = BenchConfig(
+        workloads=["tiny"],
+        algorithms=["adamw", "sgd"],
+        seeds=2,
+        steps=30,
+        out=tmp_path,
+        hyperparameters={"sgd": {"lr": 0.05}},
+        progress=False,
+    )
     run_bench(config)
     runs = json.loads((tmp_path / "results.json").read_text())
     assert len(runs) == 4
@@ -47,16 +65,25 @@ def test_bench_writes_results_report_and_plots(registered_tiny, tmp_path):
 
 
 def test_bench_resume_reuses_finished_runs(registered_tiny, tmp_path):
-    config = BenchConfig(workloads=["tiny"], algorithms=["adamw"], steps=20, out=tmp_path, progress=False,
-                         checkpoint_every=10)
+    config = BenchConfig(
+        workloads=["tiny"], algorithms=["adamw"], steps=20, out=tmp_path, progress=False, checkpoint_every=10
+    )
     first = run_bench(config)
     again = run_bench(BenchConfig(**{**config.__dict__, "resume": True}))
     assert again[0]["curve"] == first[0]["curve"]
 
 
 def test_diverged_run_is_recorded_not_raised(registered_tiny, tmp_path):
-    runs = run_bench(BenchConfig(workloads=["tiny"], algorithms=["sgd"], steps=30, out=tmp_path,
-                                 hyperparameters={"lr": float("inf")}, progress=False))
+    runs = run_bench(
+        BenchConfig(
+            workloads=["tiny"],
+            algorithms=["sgd"],
+            steps=30,
+            out=tmp_path,
+            hyperparameters={"lr": float("inf")},
+            progress=False,
+        )
+    )
     assert runs[0]["diverged"] and runs[0]["diverged_at_step"] is not None
     json.loads((tmp_path / "results.json").read_text())  # valid JSON: NaN written as null
 
@@ -87,7 +114,10 @@ def test_unknown_workload_fails_before_any_training(registered_tiny, tmp_path, m
 
 def test_parse_hyperparameters():
     assert parse_hyperparameters(["lr=3e-4", "adamw.betas=0.9,0.95", "k=l2"]) == {
-        "lr": 3e-4, "adamw": {"betas": (0.9, 0.95)}, "k": "l2"}
+        "lr": 3e-4,
+        "adamw": {"betas": (0.9, 0.95)},
+        "k": "l2",
+    }
 
 
 def _run(workload, algorithm, seed, time):
@@ -96,9 +126,14 @@ def _run(workload, algorithm, seed, time):
 
 def test_performance_profile_matches_hand_computation():
     results = [
-        _run("w1", "a", 0, 10.0), _run("w1", "a", 1, 12.0), _run("w1", "a", 2, 50.0),  # median 12
-        _run("w1", "b", 0, 24.0), _run("w1", "b", 1, None), _run("w1", "b", 2, 30.0),  # median 30
-        _run("w2", "a", 0, None), _run("w2", "b", 0, 5.0),
+        _run("w1", "a", 0, 10.0),
+        _run("w1", "a", 1, 12.0),
+        _run("w1", "a", 2, 50.0),  # median 12
+        _run("w1", "b", 0, 24.0),
+        _run("w1", "b", 1, None),
+        _run("w1", "b", 2, 30.0),  # median 30
+        _run("w2", "a", 0, None),
+        _run("w2", "b", 0, 5.0),
     ]
     ratios = performance_ratios(results)
     assert ratios["a"] == {"w1": 1.0, "w2": math.inf}

@@ -1,1 +1,1 @@
-"""Paper-claim checks, one module per pillar; `trainlab.lab.claims` imports them all."""
+"""Paper-claim checks, one module per pillar; `trainlab.claims.registry` imports them all."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from trainlab.lab.claims import ClaimResult, register_claim
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.curvature import hutchinson_diagonal, hvp
 from trainlab.lab.bench import resolve_hyperparameters
-from trainlab.lab.claims import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainlab.lab.claims import ClaimResult, register_claim
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

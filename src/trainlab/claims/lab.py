@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.bench import resolve_hyperparameters
-from trainlab.lab.claims import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

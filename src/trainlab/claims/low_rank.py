@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.bench import resolve_hyperparameters
-from trainlab.lab.claims import ClaimResult, register_claim
-from trainlab.lab.runner import batch_generator, train
+from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import ChainOptimizer, chain, create, get_spec, state_bytes
 from trainlab.optim.recipes.low_rank import COSMOS_PAPER, FRUGAL_PAPER, GALORE_PAPER, GRADNORM_LORP_PAPER
 from trainlab.optim.transforms import scale_by_cosmos
+from trainlab.runtime import batch_generator
 
 SEEDS = (0, 1, 2)
 QUARTER = {"galore": {"rank": 0.25}, "frugal": {"density": 0.25}}  # paper defaults otherwise

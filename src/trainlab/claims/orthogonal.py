@@ -7,8 +7,8 @@ import statistics
 import torch
 from torch import nn
 
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.bench import resolve_hyperparameters
-from trainlab.lab.claims import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.lab.workloads.modadd import modadd_logits

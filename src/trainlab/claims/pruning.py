@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.compress.calibrate import calibration_inputs
 from trainlab.compress.export import load_compressed, save_compressed, save_dense
 from trainlab.compress.masks import sparsity as layer_sparsity
@@ -19,7 +20,6 @@ from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.prune import GradualMagnitudePruner, is_nm
 from trainlab.compress.recover import recover_perp, retrain
 from trainlab.lab.bench import resolve_hyperparameters
-from trainlab.lab.claims import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

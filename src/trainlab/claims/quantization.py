@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from trainlab.claims.pruning import _dense
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.compress.calibrate import calibration_inputs
 from trainlab.compress.pipeline import calibration_batches, default_cache_dir, trained_model
 from trainlab.compress.plan import compressible_layers
@@ -21,7 +22,6 @@ from trainlab.compress.quant.gwq import quantize_gwq
 from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
-from trainlab.lab.claims import ClaimResult, register_claim
 from trainlab.lab.workloads import get_workload
 
 GPTQ = "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"

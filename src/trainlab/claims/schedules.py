@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlab.lab.claims import ClaimResult, register_claim
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.lab.workloads.digits import digits_data

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from trainlab.lab.claims import ClaimResult, register_claim
+from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
 from trainlab.lab.workloads.pylm import ByteTransformer, lm_loss
 from trainlab.memory import SavedTensorMeter, streambp_backward

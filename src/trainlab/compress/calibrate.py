@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.compress.plan import compressible_layers
-from trainlab.lab.runner import batch_generator
 from trainlab.lab.workloads.base import Workload
-from trainlab.lab.workloads.supervised import evaluating
+from trainlab.runtime import batch_generator, evaluating
 
 CALIBRATION_SEED = 999_983  # far from training seeds, so calibration batches are not training batches
 

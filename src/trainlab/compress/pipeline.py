@@ -131,7 +131,7 @@ QUANT_ALLOCATORS = ("uniform", "hawq", "baq", "evopress")  # per-layer bit-width
 def calibration_batches(workload: Workload, batches: int = 4) -> list:
     """Whole training batches (inputs and targets) drawn like :func:`calibration_inputs` (same seed)."""
     from trainlab.compress.calibrate import CALIBRATION_SEED
-    from trainlab.lab.runner import batch_generator
+    from trainlab.runtime import batch_generator
 
     return [workload.make_batch(workload.batch_size, batch_generator(CALIBRATION_SEED, i)) for i in range(batches)]
 

@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab.compress.masks import apply_mask, get_mask
-from trainlab.lab.runner import batch_generator
 from trainlab.lab.workloads.base import Workload
+from trainlab.runtime import batch_generator
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def render_methods_table() -> str:
-    from trainlab.lab.claims import all_claims
+    from trainlab.claims.registry import all_claims
     from trainlab.lab.workloads import get_workload, workload_names
     from trainlab.optim import get_spec, optimizer_names
 

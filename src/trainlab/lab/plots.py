@@ -34,8 +34,14 @@ def _curves(results: Sequence[dict[str, Any]], workload: str, out: Path) -> Path
         points = [p for p in r["curve"] if p["metric"] is not None]
         label = r["algorithm"] if r["seed"] == 0 else None
         for ax, x in zip(axes, ("step", "wall_time_s"), strict=True):
-            ax.plot([p[x] for p in points], [p["metric"] for p in points], color=colors[r["algorithm"]],
-                    label=label, alpha=0.85, lw=1.4)
+            ax.plot(
+                [p[x] for p in points],
+                [p["metric"] for p in points],
+                color=colors[r["algorithm"]],
+                label=label,
+                alpha=0.85,
+                lw=1.4,
+            )
     for ax, xlabel in zip(axes, ("step", "wall time (s)"), strict=True):
         ax.axhline(runs[0]["target"], color="grey", ls="--", lw=1, label="target" if xlabel == "step" else None)
         ax.set_xlabel(xlabel)

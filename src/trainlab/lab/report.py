@@ -14,9 +14,7 @@ R_MAX = 4.0
 
 def median_time_to_target(runs: Sequence[dict[str, Any]]) -> float:
     """Median over seeds of time-to-target, a seed that missed the target counting as infinite."""
-    return statistics.median(
-        r["time_to_target_s"] if r["time_to_target_s"] is not None else math.inf for r in runs
-    )
+    return statistics.median(r["time_to_target_s"] if r["time_to_target_s"] is not None else math.inf for r in runs)
 
 
 def performance_ratios(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainlab.lab.workloads.base import Batch, Workload
+from trainlab.runtime import batch_generator
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -42,11 +43,6 @@ class TrainResult:
     @property
     def diverged(self) -> bool:
         return self.diverged_at is not None
-
-
-def batch_generator(seed: int, step: int) -> torch.Generator:
-    """The generator that draws the batch of ``step`` in the run with ``seed``."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def train(

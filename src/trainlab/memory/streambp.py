@@ -186,8 +186,10 @@ class _StreamBP(torch.autograd.Function):
                 x = last[:, s:e].detach().requires_grad_()
                 logits = adapter.head(x)
                 part = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets[:, s:e].reshape(-1),
-                    ignore_index=ignore_index, reduction="sum",
+                    logits.reshape(-1, logits.shape[-1]),
+                    targets[:, s:e].reshape(-1),
+                    ignore_index=ignore_index,
+                    reduction="sum",
                 )
                 grads = torch.autograd.grad(part / count, [x, *head_params])
                 d_last[:, s:e] = grads[0]
@@ -285,8 +287,13 @@ def streambp_backward(
     """Forward and StreamBP backward in one call: accumulates gradients into ``.grad``, returns the (detached)
     mean cross-entropy. Arguments as in `streambp_loss`."""
     loss = streambp_loss(
-        model, tokens, targets, chunk_size=chunk_size, logits_chunk_size=logits_chunk_size,
-        ignore_index=ignore_index, adapter=adapter,
+        model,
+        tokens,
+        targets,
+        chunk_size=chunk_size,
+        logits_chunk_size=logits_chunk_size,
+        ignore_index=ignore_index,
+        adapter=adapter,
     )
     loss.backward()
     return loss.detach()

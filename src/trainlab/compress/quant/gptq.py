@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
-from trainlab.lab.workloads.supervised import evaluating
+from trainlab.runtime import evaluating
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to the diagonal (reference: percdamp=.01)
 BLOCK_SIZE = 128  # columns per lazy-update block (reference: blocksize=128)

@@ -30,7 +30,7 @@ from torch import nn
 
 from trainlab.compress.quant.gptq import BLOCK_SIZE, DAMP, gptq
 from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
-from trainlab.lab.workloads.supervised import evaluating
+from trainlab.runtime import evaluating
 
 FRACTION = 0.01
 VALUE_DTYPES = (torch.float16, None)

@@ -40,7 +40,7 @@ from trainlab.compress.plan import compressible_layers
 from trainlab.compress.quant.gptq import DAMP, GPTQResult, collect_hessians, gptq, quantize_gptq
 from trainlab.compress.quant.grids import MAX_BITS, MIN_BITS, UniformGrid, check_bits, check_group_size, check_weight
 from trainlab.curvature import hutchinson_trace, top_eigenvalues
-from trainlab.lab.workloads.supervised import evaluating
+from trainlab.runtime import evaluating
 
 MIXED_ALLOCATORS = ("uniform", "hawq", "baq", "evopress")
 SENSITIVITIES = ("eigenvalue", "trace")

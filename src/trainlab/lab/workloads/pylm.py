@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.lab.workloads.base import Workload, register_workload
-from trainlab.lab.workloads.supervised import evaluating
+from trainlab.runtime import evaluating
 
 # Third-party packages are not the stdlib, and test suites are large and repetitive.
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})

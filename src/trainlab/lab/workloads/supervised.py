@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` under ``torch.no_grad()``, restoring the model's previous mode on exit."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+from trainlab.runtime import evaluating
 
 
 def sample_rows(

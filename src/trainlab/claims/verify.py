@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from trainlab.lab.claims import Claim, ClaimResult, all_claims
+from trainlab.claims.registry import Claim, ClaimResult, all_claims
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,9 @@ def render(verdicts: Sequence[Verdict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verify(fast_only: bool = False, only: str | None = None, out: Path = Path("VERIFY.md"),
-           progress: bool = True) -> list[Verdict]:
+def verify(
+    fast_only: bool = False, only: str | None = None, out: Path = Path("VERIFY.md"), progress: bool = True
+) -> list[Verdict]:
     verdicts = run_claims(all_claims(fast_only=fast_only, only=only), progress=progress)
     out.write_text(render(verdicts))
     return verdicts
