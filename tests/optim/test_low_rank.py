@@ -189,8 +189,11 @@ def ref_cosmos(shapes, steps, rank, lr, gamma, lr_ratio, betas, eps):
             bc1 = (1 - b1**t) / (1 - b1)
             gt = (g + b1 * st["M"]) / (1 + b1 * bc1)
             A = (gt @ U / ((st["V"] / (1 - b2**t)).sqrt() + eps)) @ U.T
-            R = newton_schulz(gt - gt @ U @ U.T)
-            R = math.sqrt(m * n) * R / (R.norm() + 1e-7)
+            if r < n:
+                R = newton_schulz(gt - gt @ U @ U.T)
+                R = math.sqrt(m * n) * R / (R.norm() + 1e-7)
+            else:  # U spans every input: the residual is exactly zero, and so is R
+                R = torch.zeros_like(gt)
             D = A + gamma * R
             p -= lr * lr_ratio * math.sqrt(m * n) * (D / (D.norm() + 1e-7)).reshape(p.shape)
     return params
@@ -205,10 +208,20 @@ def test_cosmos_matches_reference():
         torch.testing.assert_close(p.detach(), q, atol=1e-10, rtol=0)
 
 
-def test_cosmos_full_rank_has_no_nan():
-    params = make_params([(6, 4)])
-    run(create("cosmos", params, rank=64), params, 3)  # rank capped at n = 4: zero residual
-    assert torch.isfinite(params[0]).all()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cosmos_basis_covering_every_input_has_no_residual_term(dtype):
+    """rank 64 on a 12x4 matrix: U spans all 4 inputs, so R = 0 and the step is the adapted part alone.
+
+    Before the fix, NS5 and the √(mn) normalization turned the float rounding residue into a full-size
+    random term (as in the official code): the float32 steps then differed from the exact ones by ~20%.
+    """
+    params = make_params([(12, 4)], dtype=dtype)
+    run(create("cosmos", params, rank=64, lr=0.1), params, 5)
+    (ref,) = ref_cosmos([(12, 4)], 5, rank=64, lr=0.1, gamma=0.2, lr_ratio=0.1, betas=(0.9, 0.999), eps=1e-8)
+    start = make_params([(12, 4)])[0].detach()
+    moved, expected = params[0].detach().double() - start, ref - start
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert ((moved - expected).norm() / expected.norm()).item() < tol
 
 
 # ---- GradNormLoRP ----

@@ -15,7 +15,11 @@ needs no periodic SVD (only one at step 1):
     R = NS5(G̃ − G̃UUᵀ); R ← √(mn) R/‖R‖_F
     D = A + γR;  direction = lr_ratio·√(mn)·D/‖D‖_F
 
-Both normalizations add 1e-7 to the norm so that a full-rank U (zero residual) gives R = 0, not NaN.
+Both normalizations add 1e-7 to the norm (as the official code does). When the basis covers every input
+(r = n, e.g. rank 64 on ``Linear(64, 128)``), G̃ − G̃UUᵀ is exactly zero in exact arithmetic, so R = 0
+and the direction is A alone. Computed in floating point that residual is rounding noise, which
+Newton–Schulz and the √(mn) normalization would blow up into a full-size random term; we skip it. The
+official COSMOS_optim.py has this flaw (it always orthogonalizes and normalizes the residual).
 """
 
 from __future__ import annotations
@@ -90,11 +94,12 @@ class ScaleByCOSMOS(GradientTransform):
             nesterov = (g + beta1 * mom[i]) / (1 + beta1 * bc1)
             low = nesterov @ u
             denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-            adapted = (low / denom) @ u.mT
-            rest = newton_schulz(nesterov - low @ u.mT)
+            d = (low / denom) @ u.mT
             size = math.sqrt(g.numel())
-            rest.mul_(size / (torch.linalg.matrix_norm(rest) + _NORM_EPS))
-            d = adapted.add_(rest, alpha=group["gamma"])
+            if u.size(1) < g.size(1):  # else U spans every input: R = 0 exactly (see the module docstring)
+                rest = newton_schulz(nesterov - low @ u.mT)
+                rest.mul_(size / (torch.linalg.matrix_norm(rest) + _NORM_EPS))
+                d.add_(rest, alpha=group["gamma"])
             d.mul_(group["lr_ratio"] * size / (torch.linalg.matrix_norm(d) + _NORM_EPS))
             out.append(d.reshape(updates[i].shape))
         return out, state
