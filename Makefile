@@ -26,8 +26,10 @@ test: install
 verify: install
 	$(BIN)/trainlab verify
 
+# Style never drifts: CI runs both the linter and the formatter check.
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) bench-out VERIFY.md .pytest_cache
