@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from trainlab.lab.docs import render_methods_table
+from trainlab.claims.docs import render_methods_table
 
 METHODS = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 

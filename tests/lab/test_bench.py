@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from trainlab.cli import main, parse_hyperparameters
+from trainlab.cli import main
+from trainlab.cli.bench import parse_hyperparameters
 from trainlab.lab import bench as bench_module
 from trainlab.lab.bench import BenchConfig, run_bench
 from trainlab.lab.report import performance_ratios, profile_curve, profile_score

@@ -1,21 +1,21 @@
-"""``trainlab compress``: train (or reuse a cached) workload model, compress it (prune at one or more
-sparsities, optionally recovering with PERP, or quantize at a bit-width), evaluate, export, and write report.md,
-results.json and (several sparsities) a plot."""
+"""``trainlab compress``: prune or quantize a workload's trained model (see :mod:`trainlab.lab.compress_run`).
+
+Here: the flags, their checks (an impossible combination raises ValueError naming the flag) and printing."""
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-METHODS = ("magnitude", "nm", "beta-rank", "precrop")
-STRUCTURED = ("beta-rank", "precrop")
-RECOVERY = ("perp",)
+
+def pruning_methods() -> tuple[str, ...]:
+    from trainlab.compress.plan import compressor_names
+    from trainlab.compress.structured import METHODS as STRUCTURED
+
+    return (*compressor_names(), *STRUCTURED)
 
 
 def quant_methods() -> tuple[str, ...]:
@@ -55,8 +55,9 @@ def _pattern(text: str) -> str:
     return f"{n}:{m}"
 
 
-def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``compress`` subcommand on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    from trainlab.compress import recover
     from trainlab.compress.pipeline import ALLOCATORS, QUANT_ALLOCATORS
 
     quant = quant_methods()
@@ -67,7 +68,7 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         required=True,
-        choices=METHODS + quant,
+        choices=pruning_methods() + quant,
         help="pruning: magnitude (unstructured), nm (N:M by magnitude), beta-rank / precrop (channels, physically "
         f"sliced); quantization (with --bits): {', '.join(quant)}",
     )
@@ -94,7 +95,7 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--group-size", type=int, default=None, help="quantization group of input columns (default: whole row)"
     )
-    p.add_argument("--recover", choices=RECOVERY, default=None, help="retrain after pruning")
+    p.add_argument("--recover", choices=recover.METHODS, default=None, help="retrain after pruning")
     p.add_argument("--recover-steps", type=int, default=150, help="retraining steps for --recover")
     p.add_argument("--steps", type=int, default=None, help="training steps of the dense model (default: workload's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dense training run")
@@ -108,12 +109,19 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_compress)
+    p.set_defaults(func=run)
     return p
 
 
-def _check_quant(args: argparse.Namespace) -> None:
-    """Impossible quantization argument combinations raise ValueError naming the argument."""
+def _check_common(args: argparse.Namespace) -> None:
+    if args.calibration_batches <= 0:
+        raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+
+
+def _check_quant(args: argparse.Namespace) -> float:
+    """The bit-width to run; impossible quantization argument combinations raise ValueError naming the flag."""
     from trainlab.compress.pipeline import QUANT_ALLOCATORS
     from trainlab.compress.quant.apply import METHODS as QUANT
 
@@ -121,18 +129,16 @@ def _check_quant(args: argparse.Namespace) -> None:
     for flag, value in (("--sparsity", args.sparsity), ("--pattern", args.pattern), ("--recover", args.recover)):
         if value is not None:
             raise ValueError(f"{flag} applies to pruning methods, not --method {args.method} (quantization)")
-    if args.calibration_batches <= 0:
-        raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
-    if args.steps is not None and args.steps <= 0:
-        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    _check_common(args)
     if args.group_size is not None and args.group_size < 1:
         raise ValueError(f"--group-size must be a positive integer, got {args.group_size}")
     if args.group_size is not None and not spec.grouped:
         raise ValueError(f"--group-size does not apply to --method {args.method} (one codebook per layer)")
-    if args.bits is None:
+    bits = args.bits
+    if bits is None:
         if spec.bits is None or len(spec.bits) != 1:
             raise ValueError(f"--method {args.method} needs --bits (2 to 8)")
-        args.bits = float(spec.bits[0])
+        bits = float(spec.bits[0])
     if args.allocator not in QUANT_ALLOCATORS:
         raise ValueError(
             f"--allocator {args.allocator} is a pruning allocator; quantization takes one of: "
@@ -144,17 +150,20 @@ def _check_quant(args: argparse.Namespace) -> None:
         )
     if args.allocator != "uniform" and not spec.mixed:
         raise ValueError(f"--allocator {args.allocator}: --method {args.method} has a fixed bit-width")
-    if args.allocator == "uniform" and args.bits != int(args.bits):
-        raise ValueError(f"--bits {args.bits:g} is fractional; only a mixed-precision --allocator takes averages")
-    if spec.bits is not None and args.allocator == "uniform" and int(args.bits) not in spec.bits:
+    if args.allocator == "uniform" and bits != int(bits):
+        raise ValueError(f"--bits {bits:g} is fractional; only a mixed-precision --allocator takes averages")
+    if spec.bits is not None and args.allocator == "uniform" and int(bits) not in spec.bits:
         raise ValueError(f"--bits for --method {args.method} must be one of {', '.join(map(str, spec.bits))}")
     if args.second_order and spec.second_order == "never":
         raise ValueError(f"--second-order is not available for --method {args.method}")
+    return bits
 
 
-def _check(args: argparse.Namespace) -> list[float]:
-    """The sparsities to run; impossible argument combinations raise ValueError naming the argument."""
+def _check_pruning(args: argparse.Namespace) -> tuple[list[float], str | None]:
+    """The sparsities and N:M pattern to run; impossible combinations raise ValueError naming the flag."""
+    from trainlab.compress.pipeline import ALLOCATORS
     from trainlab.compress.prune import parse_pattern
+    from trainlab.compress.structured import METHODS as STRUCTURED
 
     for flag, value in (
         ("--bits", args.bits),
@@ -165,9 +174,6 @@ def _check(args: argparse.Namespace) -> list[float]:
             raise ValueError(
                 f"{flag} applies to quantization methods ({', '.join(quant_methods())}), not --method {args.method}"
             )
-
-    from trainlab.compress.pipeline import ALLOCATORS
-
     if args.allocator not in ALLOCATORS:
         raise ValueError(
             f"--allocator {args.allocator} allocates bit-widths (quantization); pruning takes one of: "
@@ -175,10 +181,7 @@ def _check(args: argparse.Namespace) -> list[float]:
         )
     if args.recover_steps <= 0:
         raise ValueError(f"--recover-steps must be a positive integer, got {args.recover_steps}")
-    if args.calibration_batches <= 0:
-        raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
-    if args.steps is not None and args.steps <= 0:
-        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    _check_common(args)
     if args.pattern is not None and args.method != "nm":
         raise ValueError(f"--pattern applies to --method nm only, not {args.method}")
     if args.recover == "perp" and args.method in STRUCTURED:
@@ -186,255 +189,45 @@ def _check(args: argparse.Namespace) -> list[float]:
     if args.allocator != "uniform" and args.method != "magnitude":
         raise ValueError(f"--allocator {args.allocator} applies to --method magnitude only, not {args.method}")
     if args.method == "nm":
-        args.pattern = args.pattern or "2:4"
-        n, m = parse_pattern(args.pattern)
+        pattern = args.pattern or "2:4"
+        n, m = parse_pattern(pattern)
         implied = 1 - n / m
         if args.sparsity is not None and any(abs(s - implied) > 1e-9 for s in args.sparsity):
-            raise ValueError(f"--sparsity for --method nm must be 1 - N/M = {implied:g} (--pattern {args.pattern})")
-        return [implied]
+            raise ValueError(f"--sparsity for --method nm must be 1 - N/M = {implied:g} (--pattern {pattern})")
+        return [implied], pattern
     if args.sparsity is None:
         raise ValueError(f"--method {args.method} needs --sparsity (a number or comma-separated list in [0, 1))")
-    return args.sparsity
+    return args.sparsity, None
 
 
-def _compress_one(
-    args: argparse.Namespace, model: nn.Module, sparsity: float, calibration: list[torch.Tensor], out: Path
-) -> tuple[nn.Module, Path, dict[str, Any]]:
-    """The compressed model, its exported file and its per-layer levels."""
-    from trainlab.compress.export import save_compressed
-    from trainlab.compress.masks import sparsity as layer_sparsity
-    from trainlab.compress.pipeline import allocate_magnitude, magnitude_plan
-    from trainlab.compress.plan import Plan, compressible_layers
-
-    tag = f"{args.method}-{sparsity:g}"
-    if args.method in STRUCTURED:
-        from trainlab.compress.structured import save_structured, structured_prune
-
-        pruned = structured_prune(model, args.method, sparsity, calibration)
-        path = out / f"model-{tag}.safetensors"
-        save_structured(pruned, path)
-        widths = {n: int(m.weight.shape[0]) for n, m in compressible_layers(pruned).items()}
-        return pruned, path, widths
-    pruned = copy.deepcopy(model)
-    if args.method == "nm":
-        m = int(args.pattern.split(":")[1])
-        fits = [n for n, layer in compressible_layers(pruned).items() if layer.weight.shape[1] % m == 0]
-        if not fits:
-            raise ValueError(f"--pattern {args.pattern}: no layer's input dimension is divisible by M={m}")
-        plan = Plan.from_levels("nm", dict.fromkeys(fits, args.pattern))
-    else:
-        kept = allocate_magnitude(pruned, args.allocator, sparsity, calibration, progress=not args.quiet)
-        plan = magnitude_plan(pruned, kept)
-    plan.apply(pruned)
-    (out / f"plan-{tag}.json").write_text(plan.to_json())
-    if args.recover == "perp":
-        from trainlab.compress.recover import recover_perp
-        from trainlab.lab.workloads import get_workload
-
-        recover_perp(
-            pruned, get_workload(args.workload), steps=args.recover_steps, seed=args.seed + 1, progress=not args.quiet
-        )
-    path = out / f"model-{tag}.safetensors"
-    save_compressed(pruned, path, metadata={"plan": plan.to_json()})
-    zeros = layer_sparsity(pruned)
-    return pruned, path, {k: round(zeros.get(k, 0.0), 6) for k in compressible_layers(pruned)}
-
-
-PER_SPARSITY = ("sparsity", "metric_after", "file_bytes_after", "levels")
-
-
-def results_json(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One dict: the shared keys once; ``sparsity``, ``metric_after``, ``file_bytes_after`` and ``levels`` are
-    scalars (dict for levels) for one sparsity and lists aligned with ``sparsity`` for several; ``runs`` always
-    lists the per-sparsity records."""
-    out = {k: v for k, v in records[0].items() if k not in PER_SPARSITY}
-    for key in PER_SPARSITY:
-        values = [r[key] for r in records]
-        out[key] = values[0] if len(records) == 1 else values
-    out["runs"] = records
-    return out
-
-
-def _dense_setup(args: argparse.Namespace) -> tuple[Any, Path, nn.Module, float, int, list[torch.Tensor]]:
-    """The workload's trained dense model (cached), its metric and saved size, and calibration batches."""
-    from trainlab.compress.calibrate import calibration_inputs
-    from trainlab.compress.export import save_dense
-    from trainlab.compress.pipeline import default_cache_dir, trained_model
-    from trainlab.lab.workloads import get_workload
-
-    workload = get_workload(args.workload)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    model = trained_model(workload, args.seed, args.steps, cache, progress=not args.quiet)
-    before = workload.evaluate(model)
-    dense_bytes = save_dense(model, out / "model-dense.safetensors")
-    return workload, out, model, before, dense_bytes, calibration_inputs(workload, args.calibration_batches)
-
-
-def run_compress(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+def run(args: argparse.Namespace) -> int:
+    from trainlab.lab.compress_run import CompressionJob, prune_workload, quantize_workload
 
     torch.set_num_threads(1)
-    if args.method in quant_methods():
-        return run_quantize(args)
-    sparsities = _check(args)
-    workload, out, model, before, dense_bytes, calibration = _dense_setup(args)
-    records = []
-    for s in tqdm(sparsities, desc="sparsities", disable=args.quiet or len(sparsities) == 1):
-        pruned, path, levels = _compress_one(args, model, s, calibration, out)
-        records.append(
-            {
-                "workload": args.workload,
-                "method": args.method,
-                "allocator": args.allocator,
-                "pattern": args.pattern,
-                "recover": args.recover,
-                "metric": workload.metric,
-                "higher_is_better": workload.higher_is_better,
-                "metric_before": before,
-                "file_bytes_before": dense_bytes,
-                "sparsity": s,
-                "metric_after": workload.evaluate(pruned),
-                "file_bytes_after": path.stat().st_size,
-                "levels": levels,
-            }
-        )
-    (out / "results.json").write_text(json.dumps(results_json(records), indent=1))
-    (out / "report.md").write_text(_report(records))
-    if len(records) > 1:
-        _plot(records, out / "metric_vs_sparsity.png")
-    print((out / "report.md").read_text())
-    return 0
-
-
-def _report(records: list[dict[str, Any]]) -> str:
-    r0 = records[0]
-    lines = [
-        f"# trainlab compress: {r0['workload']}, {r0['method']}"
-        + (f" ({r0['allocator']} allocator)" if r0["method"] == "magnitude" else "")
-        + (f", recovered with {r0['recover']}" if r0["recover"] else ""),
-        "",
-        f"| sparsity | {r0['metric']} before | {r0['metric']} after | file bytes before | file bytes after | ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        lines.append(
-            f"| {r['sparsity']:g} | {r['metric_before']:.4f} | {r['metric_after']:.4f} | {r['file_bytes_before']} "
-            f"| {r['file_bytes_after']} | {r['file_bytes_after'] / r['file_bytes_before']:.3f} |"
-        )
-    lines += [
-        "",
-        "Sparsity is the fraction of Linear/Conv weights removed (embeddings, norms and biases stay dense); file "
-        "bytes are the safetensors exports (compact sparse encoding, or the sliced model for structured methods).",
-        "",
-        "Per-layer levels (sparsity per layer; output channels for structured methods):",
-        "",
-    ]
-    for r in records:
-        lines.append(f"- sparsity {r['sparsity']:g}: " + ", ".join(f"`{k}` {v}" for k, v in r["levels"].items()))
-    return "\n".join(lines) + "\n"
-
-
-def _plot(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [r["sparsity"] for r in records]
-    ax.plot(xs, [r["metric_after"] for r in records], marker="o", label=records[0]["method"])
-    ax.axhline(records[0]["metric_before"], color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel(records[0]["metric"])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run_quantize(args: argparse.Namespace) -> int:
-    """Quantize the workload's trained model; write the packed file, results.json and report.md."""
-    from trainlab.compress.quant.apply import save_quantized_model
-
-    _check_quant(args)
-    workload, out, model, before, dense_bytes, calibration = _dense_setup(args)
-    qm = _quantize(args, workload, model, calibration)
-    levels = qm.bits
-    path = out / f"model-{args.method}-{args.bits:g}bit.safetensors"
-    size = save_quantized_model(qm, path, metadata={"workload": args.workload, "allocator": args.allocator})
-    counts = _layer_sizes(model)
-    mean_bits = sum(levels[k] * n for k, n in counts.items()) / sum(counts.values())
-    record = {
+    common = {
         "workload": args.workload,
         "method": args.method,
+        "out": Path(args.out),
         "allocator": args.allocator,
-        "second_order": qm.second_order,
-        "group_size": args.group_size,
-        "metric": workload.metric,
-        "higher_is_better": workload.higher_is_better,
-        "metric_before": before,
-        "file_bytes_before": dense_bytes,
-        "bits": args.bits,
-        "mean_bits": round(mean_bits, 4),
-        "metric_after": workload.evaluate(qm.model),
-        "file_bytes_after": size,
-        "levels": levels,
+        "steps": args.steps,
+        "seed": args.seed,
+        "calibration_batches": args.calibration_batches,
+        "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
+        "progress": not args.quiet,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=1))
-    (out / "report.md").write_text(_quant_report(record))
-    print((out / "report.md").read_text())
+    if args.method in quant_methods():
+        bits = _check_quant(args)
+        job = CompressionJob(**common, bits=bits, second_order=args.second_order, group_size=args.group_size)
+        report = quantize_workload(job)
+    else:
+        sparsities, pattern = _check_pruning(args)
+        job = CompressionJob(
+            **common,
+            sparsities=tuple(sparsities),
+            pattern=pattern,
+            recover=args.recover,
+            recover_steps=args.recover_steps,
+        )
+        report = prune_workload(job)
+    print(report.read_text())
     return 0
-
-
-def _quantize(args: argparse.Namespace, workload: Any, model: nn.Module, calibration: list[torch.Tensor]) -> Any:
-    """The QuantizedModel for the parsed arguments: BAQ (per-column bits) or per-layer bits then the method."""
-    from trainlab.compress.pipeline import allocate_bits, calibration_batches
-    from trainlab.compress.quant.apply import METHODS as QUANT
-    from trainlab.compress.quant.apply import layer_gradients, quantize_model, quantize_model_baq
-
-    if args.allocator == "baq":
-        return quantize_model_baq(model, args.bits, calibration, group_size=args.group_size)
-    options = {} if args.allocator == "uniform" else {"group_size": args.group_size}
-    try:
-        levels = allocate_bits(model, args.allocator, args.bits, args.method, calibration, **options)
-    except ValueError as err:
-        raise ValueError(f"--allocator {args.allocator} --bits {args.bits:g}: {err}") from None
-    gradients = None
-    if QUANT[args.method].needs_gradient:
-        gradients = layer_gradients(model, calibration_batches(workload, args.calibration_batches), workload.loss)
-    return quantize_model(
-        model,
-        args.method,
-        levels,
-        second_order=args.second_order,
-        calibration=calibration,
-        group_size=args.group_size,
-        gradients=gradients,
-    )
-
-
-def _layer_sizes(model: nn.Module) -> dict[str, int]:
-    from trainlab.compress.plan import compressible_layers
-
-    return {k: m.weight.numel() for k, m in compressible_layers(model).items()}
-
-
-def _quant_report(r: dict[str, Any]) -> str:
-    ratio = r["file_bytes_after"] / r["file_bytes_before"]
-    lines = [
-        f"# trainlab compress: {r['workload']}, {r['method']} at {r['bits']:g} bits ({r['allocator']} allocator"
-        + (", second-order compensation)" if r["second_order"] else ")"),
-        "",
-        f"| bits | {r['metric']} before | {r['metric']} after | file bytes before | file bytes after | ratio |",
-        "|---|---|---|---|---|---|",
-        f"| {r['bits']:g} (mean {r['mean_bits']:g}) | {r['metric_before']:.4f} | {r['metric_after']:.4f} "
-        f"| {r['file_bytes_before']} | {r['file_bytes_after']} | {ratio:.3f} |",
-        "",
-        "Every Linear/Conv weight is quantized (embeddings, norms and biases stay float32); the file after is the "
-        "packed safetensors export (codes, float16 scales, ...), the file before the float32 one.",
-        "",
-        "Bits per layer: " + ", ".join(f"`{k}` {v}" for k, v in r["levels"].items()),
-    ]
-    return "\n".join(lines) + "\n"

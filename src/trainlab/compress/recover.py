@@ -21,6 +21,7 @@ from trainlab.compress.masks import apply_mask, get_mask
 from trainlab.lab.workloads.base import Workload
 from trainlab.runtime import batch_generator
 
+METHODS = ("perp",)  # recovery after pruning
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 

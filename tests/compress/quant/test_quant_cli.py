@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from trainlab.compress.cli import quant_methods
+from trainlab.cli.compress import quant_methods
 from trainlab.compress.pipeline import QUANT_ALLOCATORS, trained_model
 from trainlab.compress.quant.apply import METHODS, load_quantized_model
 from trainlab.lab.workloads import get_workload

@@ -1,0 +1,78 @@
+"""``trainlab bench``: train algorithms on workloads; write results, report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def parse_hyperparameters(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "adamw.betas=0.9,0.95"]`` -> ``{"lr": 3e-4, "adamw": {"betas": (0.9, 0.95)}}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--hp expects KEY=VALUE or ALGORITHM.KEY=VALUE, got {pair!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # plain strings such as k=l2 need no quotes
+        algorithm, dot, name = key.rpartition(".")
+        if dot:
+            out.setdefault(algorithm, {})[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainlab.lab.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        workloads=args.workload,
+        algorithms=args.algorithms,
+        seeds=args.seeds,
+        steps=args.steps,
+        out=Path(args.out),
+        hyperparameters=parse_hyperparameters(args.hp),
+        schedule=args.schedule,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    results = run_bench(config)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"{len(results)} runs; results.json, report.md and plots written to {args.out}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from trainlab.lab.bench import DEMO_ALGORITHMS, DEMO_WORKLOADS
+
+    p = subparsers.add_parser("bench", help="train algorithms on workloads; write results, report and plots")
+    p.add_argument("--workload", type=_csv, default=list(DEMO_WORKLOADS), help="comma-separated workloads")
+    p.add_argument("--algorithms", type=_csv, default=list(DEMO_ALGORITHMS), help="comma-separated names")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per (workload, algorithm)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the workload's)")
+    p.add_argument("--out", default="bench-out", help="output directory")
+    p.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="[ALG.]KEY=VALUE",
+        help="hyperparameter override, repeatable (e.g. --hp lr=3e-4 --hp adamw.weight_decay=0.1)",
+    )
+    p.add_argument("--schedule", default=None, help="learning-rate schedule (see trainlab list)")
+    p.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
