@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from trainlab.cli import main
-from trainlab.compress.pipeline import trained_model
+from trainlab.lab.compression import trained_model
 from trainlab.lab.workloads import get_workload
 
 

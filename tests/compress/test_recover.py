@@ -11,6 +11,7 @@ from trainlab.compress.masks import get_mask, masked_layers
 from trainlab.compress.plan import Plan
 from trainlab.compress.recover import MaskLoRALinear, attach_perp, merge_perp, recover_perp
 from trainlab.lab.workloads import get_workload
+from trainlab.runtime import batch_generator
 
 
 def _model() -> nn.Module:
@@ -77,21 +78,49 @@ def test_mask_comes_from_zeros_when_no_mask_is_armed():
         MaskLoRALinear(nn.Linear(4, 4), rank=0, alpha=1.0)
 
 
-def test_recover_perp_on_a_workload_improves_the_pruned_model():
+def test_recover_perp_with_the_users_batches_and_loss_improves_the_pruned_model():
     w = get_workload("digits-mlp")
     torch.manual_seed(0)
     model = w.make_model()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
-        from trainlab.runtime import batch_generator
-
         opt.zero_grad()
         w.loss(model, w.make_batch(64, batch_generator(0, step))).backward()
         opt.step()
     Plan([(".*", "magnitude", 0.8)]).apply(model)
     pattern = {n: m.weight == 0 for n, m in masked_layers(model).items()}
     pruned = copy.deepcopy(model)
-    fraction = recover_perp(model, w, steps=40, lr=3e-3)
+    batches = [w.make_batch(64, batch_generator(1, step)) for step in range(40)]
+    fraction = recover_perp(model, batches, w.loss, lr=3e-3)
     assert 0 < fraction < 0.15  # digits-mlp is tiny: rank-4 factors are ~9% of its 26k parameters
     assert w.evaluate(model) > w.evaluate(pruned)
     assert all(torch.equal(m.weight == 0, pattern[n]) for n, m in masked_layers(model).items())
+
+
+class _DictModel(nn.Module):
+    """A model called like a Hugging Face one: keyword tensors in, an output object with ``.logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, input_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.body(input_values)}
+
+
+def test_retrain_takes_dict_batches_and_a_loss_callable():
+    torch.manual_seed(0)
+    model = _DictModel()
+    Plan([(".*", "magnitude", 0.5)]).apply(model)
+    zeros = {n: m.weight == 0 for n, m in masked_layers(model).items()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=g)
+    batches = [{"input_values": x, "labels": (x[:, :4].argmax(1))} for _ in range(30)]
+
+    def loss(m: nn.Module, batch: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(input_values=batch["input_values"])["logits"], batch["labels"])
+
+    before = loss(model, batches[0]).item()
+    recover_perp(model, batches, loss, lr=1e-2)
+    assert loss(model, batches[0]).item() < before
+    assert all(torch.equal(m.weight == 0, zeros[n]) for n, m in masked_layers(model).items())

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 from trainlab.claims.registry import ClaimResult, register_claim
-from trainlab.compress.calibrate import calibration_inputs
 from trainlab.compress.export import load_compressed, save_compressed, save_dense
 from trainlab.compress.masks import sparsity as layer_sparsity
-from trainlab.compress.pipeline import allocate_magnitude, calibration_kl, magnitude_plan, trained_model
+from trainlab.compress.pipeline import allocate_magnitude, calibration_kl, magnitude_plan
 from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.prune import GradualMagnitudePruner, is_nm
-from trainlab.compress.recover import recover_perp, retrain
 from trainlab.lab.bench import resolve_hyperparameters
+from trainlab.lab.compression import calibration_inputs, recover_perp, retrain, trained_model
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

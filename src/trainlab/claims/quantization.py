@@ -12,8 +12,6 @@ from torch import nn
 
 from trainlab.claims.pruning import _dense
 from trainlab.claims.registry import ClaimResult, register_claim
-from trainlab.compress.calibrate import calibration_inputs
-from trainlab.compress.pipeline import calibration_batches, default_cache_dir, trained_model
 from trainlab.compress.plan import compressible_layers
 from trainlab.compress.quant.apply import flat_weight, layer_gradients, layer_loss
 from trainlab.compress.quant.gptq import collect_hessians, quantize_gptq
@@ -22,6 +20,7 @@ from trainlab.compress.quant.gwq import quantize_gwq
 from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
+from trainlab.lab.compression import calibration_batches, calibration_inputs, default_cache_dir, trained_model
 from trainlab.lab.workloads import get_workload
 
 GPTQ = "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from trainlab.claims.registry import ClaimResult, register_claim
-from trainlab.compress.calibrate import calibration_inputs
 from trainlab.compress.masks import apply_mask
 from trainlab.compress.sparse_training import NMSchedule, NMStepper, finalize, sparsify_linears
 from trainlab.compress.structured import (
@@ -27,6 +26,7 @@ from trainlab.compress.structured import (
     synflow_masks,
 )
 from trainlab.lab.bench import resolve_hyperparameters
+from trainlab.lab.compression import calibration_inputs
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
 from trainlab.optim import create

@@ -17,17 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.compress.plan import compressible_layers
-from trainlab.lab.workloads.base import Workload
-from trainlab.runtime import batch_generator, evaluating
-
-CALIBRATION_SEED = 999_983  # far from training seeds, so calibration batches are not training batches
-
-
-def calibration_inputs(workload: Workload, batches: int = 4, batch_size: int | None = None) -> list[torch.Tensor]:
-    """Model inputs of ``batches`` training batches drawn with a seed no training run uses."""
-    size = batch_size or workload.batch_size
-    return [workload.make_batch(size, batch_generator(CALIBRATION_SEED, i))[0] for i in range(batches)]
-
+from trainlab.runtime import evaluating
 
 def model_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     with evaluating(model):

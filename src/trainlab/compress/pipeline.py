@@ -1,13 +1,10 @@
 """From a model and calibration data to per-layer levels: the glue between allocators (pure), level
-databases and calibration measurements; plus the cached dense checkpoint the CLI and claims start from."""
+databases and calibration measurements."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,45 +14,9 @@ from trainlab.compress import allocate as alloc
 from trainlab.compress.calibrate import distortion_curves, kl_to_dense, model_outputs, staged_kl_fitness
 from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.prune import MagnitudeLevels, check_sparsity, kept_count
-from trainlab.lab.workloads.base import Workload
 
 ALLOCATORS = ("uniform", "global", "layer-adaptive", "evopress")
 LAYER_ADAPTIVE_GRID = tuple(i / 50 for i in range(50))  # sparsity 0, 0.02, ..., 0.98 (spec P17)
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/trainlab`` (or ``~/.cache/trainlab``): where dense checkpoints are reused from."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainlab"
-
-
-def trained_model(
-    workload: Workload, seed: int = 0, steps: int | None = None, cache_dir: Path | None = None, progress: bool = False
-) -> nn.Module:
-    """The workload's model trained with AdamW at its tuned hyperparameters; with ``cache_dir``, the weights
-    are reused from ``{workload}-seed{seed}-steps{steps}.pt`` when present (saved there otherwise). A cached
-    file that no longer fits the workload's model (its architecture changed) is retrained and replaced."""
-    from trainlab.lab.bench import resolve_hyperparameters
-    from trainlab.lab.runner import train
-    from trainlab.optim import create
-
-    steps = workload.steps if steps is None else steps
-    path = None if cache_dir is None else Path(cache_dir) / f"{workload.name}-seed{seed}-steps{steps}.pt"
-    if path is not None and path.exists():
-        torch.manual_seed(seed)
-        model = workload.make_model()
-        with contextlib.suppress(RuntimeError, KeyError, EOFError):  # a stale or truncated entry is retrained
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model
-    hp = resolve_hyperparameters("adamw", workload, None)
-    bar = tqdm(total=steps, desc=f"train {workload.name}", disable=not progress, leave=False)
-    result = train(
-        workload, lambda m: create("adamw", m.named_parameters(), **hp), seed=seed, steps=steps, progress=bar.update
-    )
-    bar.close()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result.model.state_dict(), path)
-    return result.model
 
 
 def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,14 +87,6 @@ def magnitude_plan(model: nn.Module, kept: dict[str, int]) -> Plan:
 
 
 QUANT_ALLOCATORS = ("uniform", "hawq", "baq", "evopress")  # per-layer bit-widths under an average-bits budget
-
-
-def calibration_batches(workload: Workload, batches: int = 4) -> list:
-    """Whole training batches (inputs and targets) drawn like :func:`calibration_inputs` (same seed)."""
-    from trainlab.compress.calibrate import CALIBRATION_SEED
-    from trainlab.runtime import batch_generator
-
-    return [workload.make_batch(workload.batch_size, batch_generator(CALIBRATION_SEED, i)) for i in range(batches)]
 
 
 def allocate_bits(

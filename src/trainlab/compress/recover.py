@@ -10,16 +10,14 @@ confirmed from the paper; the default here is rank 4 with scale ``alpha / r = 1`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from trainlab.compress.masks import apply_mask, get_mask
-from trainlab.lab.workloads.base import Workload
-from trainlab.runtime import batch_generator
 
 METHODS = ("perp",)  # recovery after pruning
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
@@ -89,38 +87,34 @@ def merge_perp(model: nn.Module) -> None:
 
 def retrain(
     model: nn.Module,
-    workload: Workload,
+    batches: Iterable[Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
     params: Iterable[nn.Parameter],
-    steps: int,
     lr: float,
-    seed: int = 0,
-    progress: bool = False,
 ) -> None:
-    """``steps`` AdamW steps (no weight decay) on ``params`` with the workload's loss and batches; masked
-    layers keep their zeros throughout (see :mod:`trainlab.compress.masks`)."""
+    """One AdamW step (no weight decay) on ``params`` per batch of ``batches`` (any objects ``loss(model, batch)``
+    takes: tensors, tuples, Hugging Face dicts); the model is left in train mode. Masked layers keep their zeros
+    throughout (see :mod:`trainlab.compress.masks`)."""
     optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
     model.train()
-    for step in tqdm(range(steps), desc="retrain", disable=not progress, leave=False):
-        batch = workload.make_batch(workload.batch_size, batch_generator(seed, step))
+    for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        workload.loss(model, batch).backward()
+        loss(model, batch).backward()
         optimizer.step()
 
 
 def recover_perp(
     model: nn.Module,
-    workload: Workload,
-    steps: int = 150,
+    batches: Iterable[Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
     lr: float = 1e-3,
     rank: int = 4,
-    seed: int = 1,
-    progress: bool = False,
 ) -> float:
-    """PERP in place: attach, retrain ``steps`` steps, merge. Returns the fraction of parameters trained
-    (LoRA factors counted against the model's own parameter count)."""
+    """PERP in place: attach, retrain one step per batch with ``loss(model, batch)``, merge. Returns the fraction
+    of parameters trained (LoRA factors counted against the model's own parameter count)."""
     total = sum(p.numel() for p in model.parameters())
     params = attach_perp(model, rank)
-    retrain(model, workload, params, steps, lr, seed, progress)
+    retrain(model, batches, loss, params, lr)
     trained = sum(p.numel() for p in params)
     merge_perp(model)
     return trained / total

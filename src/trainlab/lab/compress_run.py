@@ -17,6 +17,13 @@ from tqdm.auto import tqdm
 
 from trainlab.compress.structured import METHODS as STRUCTURED
 from trainlab.lab.compress_report import plot_metric_vs_sparsity, pruning_report, quantization_report, results_json
+from trainlab.lab.compression import (
+    calibration_batches,
+    calibration_inputs,
+    default_cache_dir,
+    recover_perp,
+    trained_model,
+)
 from trainlab.lab.workloads import Workload, get_workload
 
 
@@ -53,9 +60,7 @@ class _Dense:
 
 def _dense_setup(job: CompressionJob) -> _Dense:
     """The workload's trained dense model (cached), its metric and saved size, and calibration inputs."""
-    from trainlab.compress.calibrate import calibration_inputs
     from trainlab.compress.export import save_dense
-    from trainlab.compress.pipeline import default_cache_dir, trained_model
 
     workload = get_workload(job.workload)
     job.out.mkdir(parents=True, exist_ok=True)
@@ -124,8 +129,6 @@ def _prune_one(job: CompressionJob, dense: _Dense, sparsity: float) -> tuple[nn.
     plan.apply(pruned)
     (job.out / f"plan-{tag}.json").write_text(plan.to_json())
     if job.recover == "perp":
-        from trainlab.compress.recover import recover_perp
-
         recover_perp(pruned, dense.workload, steps=job.recover_steps, seed=job.seed + 1, progress=job.progress)
     save_compressed(pruned, path, metadata={"plan": plan.to_json()})
     zeros = layer_sparsity(pruned)
@@ -168,7 +171,7 @@ def quantize_workload(job: CompressionJob) -> Path:
 
 def _quantize(job: CompressionJob, dense: _Dense) -> Any:
     """The QuantizedModel for the job: BAQ (per-column bits) or per-layer bits then the method."""
-    from trainlab.compress.pipeline import allocate_bits, calibration_batches
+    from trainlab.compress.pipeline import allocate_bits
     from trainlab.compress.quant.apply import METHODS as QUANT
     from trainlab.compress.quant.apply import layer_gradients, quantize_model, quantize_model_baq
 

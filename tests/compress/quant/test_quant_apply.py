@@ -5,8 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from trainlab.compress.calibrate import calibration_inputs
-from trainlab.compress.pipeline import calibration_batches, trained_model
 from trainlab.compress.plan import compressible_layers
 from trainlab.compress.quant.apply import (
     METHODS,
@@ -17,6 +15,7 @@ from trainlab.compress.quant.apply import (
     quantize_model,
     save_quantized_model,
 )
+from trainlab.lab.compression import calibration_batches, calibration_inputs, trained_model
 from trainlab.lab.workloads import get_workload
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from trainlab.cli.compress import quant_methods
-from trainlab.compress.pipeline import QUANT_ALLOCATORS, trained_model
+from trainlab.compress.pipeline import QUANT_ALLOCATORS
 from trainlab.compress.quant.apply import METHODS, load_quantized_model
+from trainlab.lab.compression import trained_model
 from trainlab.lab.workloads import get_workload
 
 SIZES = {"1": 64 * 128, "3": 128 * 128, "5": 128 * 10}  # digits-mlp's Linear layers

@@ -1,0 +1,150 @@
+"""The adapter layer: a frozen base module plus a trainable delta, with exact merge and unmerge.
+
+Every method writes its update as a weight delta ``ΔW`` in the (out, in) orientation of ``F.linear`` (a convolution
+is viewed as out x in*kh*kw, transformers' ``Conv1D`` stores the transpose). Methods whose delta depends on the base
+weight (HUT, Bone/Bat) receive it as an argument and say how to recover it from the merged weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' (Hugging Face's transposed linear) or 'conv2d'; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    return None
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an (out, in) matrix view (no copy)."""
+    kind = layer_type(module)
+    if kind == "conv1d":
+        return module.weight.t()
+    if kind == "conv2d":
+        return module.weight.flatten(1)
+    return module.weight
+
+
+def in_out(module: nn.Module) -> tuple[int, int]:
+    out_features, in_features = weight_matrix(module).shape
+    return in_features, out_features
+
+
+class AdapterLayer(nn.Module):
+    """``y = base(x) + delta(x)``: ``base`` is frozen, the delta's tensors are the adapter's state.
+
+    Subclasses implement :meth:`delta_weight` (and may override :meth:`delta_output` with a cheaper factored form).
+    ``merge`` writes ``W + ΔW(W)`` into the base weight; ``unmerge`` writes back ``W`` exactly up to rounding.
+    """
+
+    weight_dependent = False  # True when ΔW is a function of the base weight (then override restore_weight)
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.kind = layer_type(base)
+        self.in_features, self.out_features = in_out(base)
+        self.merged = False
+
+    # -- what a method defines ---------------------------------------------------------------------------------
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """ΔW (out x in) given the unmerged base weight matrix ``weight``."""
+        raise NotImplementedError
+
+    def restore_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """The unmerged weight from ``merged = W + ΔW(W)``; exact for weight-independent deltas."""
+        return merged - self.delta_weight(merged)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """Per-layer construction arguments decided by a plan (saved with the adapter); most methods have none."""
+        return {}
+
+    # -- shared machinery ----------------------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        return weight_matrix(self.base)
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x`` through the base layer's operation with an (out x in) ``weight`` and no bias."""
+        if self.kind == "conv2d":
+            conv = self.base
+            w = weight.reshape(conv.weight.shape)
+            return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.linear(x, weight)
+
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_weight(x, self.delta_weight(self.base_weight()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.delta_output(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = self.base_weight()
+        w.copy_(w + self.delta_weight(w))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_weight()
+        w.copy_(self.restore_weight(w.clone()))
+        self.merged = False
+
+    @torch.no_grad()
+    def merged_module(self) -> nn.Module:
+        """A plain copy of the base module whose weight has the delta folded in (this layer is unchanged)."""
+        import copy
+
+        plain = copy.deepcopy(self.base)
+        w = weight_matrix(plain)
+        if not self.merged:
+            w.copy_(w + self.delta_weight(self.base_weight()))
+        for p in plain.parameters():
+            p.requires_grad_(True)
+        return plain
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors (parameters and persistent buffers, the base excluded)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load this layer's adapter tensors; shapes may differ from the fresh layer's (pruned or planned sizes)."""
+        own = self.adapter_state()
+        missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter tensors do not match the layer: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        if self.merged:
+            raise ValueError("unmerge the adapter before loading tensors into it")
+        for name, value in tensors.items():
+            module = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
+            leaf = name.rpartition(".")[2]
+            current = getattr(module, leaf)
+            value = value.to(device=current.device, dtype=current.dtype)
+            if current.shape == value.shape:
+                current.copy_(value)
+            elif isinstance(current, nn.Parameter):
+                setattr(module, leaf, nn.Parameter(value.clone(), requires_grad=current.requires_grad))
+            else:
+                setattr(module, leaf, value.clone())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
