@@ -54,8 +54,9 @@ class AdapterSpec:
     ``layer_class(base, **config, **layer_kwargs)`` builds the adapter layer around a frozen ``base`` module;
     ``plan(weights, config)`` (optional) decides per-layer ``layer_kwargs`` from all target weights at once (WeLore's
     global threshold); ``count(weight, config)`` is the trainable-parameter formula for one layer with base weight
-    ``weight`` (out x in) and ``config`` merged with that layer's plan arguments; ``prepare`` names the data a separate ``adapters.prepare`` call needs (or None);
-    ``callback`` is the class of the training callback (rank pruning, progressive masks) or None.
+    ``weight`` (out x in) and ``config`` merged with that layer's plan arguments; ``prepare`` names the data a
+    separate ``adapters.prepare`` call needs (or None); ``callback`` is the class of the training callback (rank
+    pruning, progressive masks) or None.
     """
 
     name: str

@@ -3,8 +3,8 @@ values), then fine-tune only the low-rank factors.
 
 Follows the official code (VITA-Group/WeLore, ``adaptive_rank_pruning``): per target layer σ̃ = (σ − min σ)/(max σ −
 min σ); ``pruned = #{σ̃ < θ}``; ``k = min(out, in) − pruned``. A layer with ``pruned / min(out, in) > min_ratio`` becomes
-a low-rank component ``y = U'(V' x) + b`` with ``U' = U_k √S_k`` and ``V' = √S_k V_kᵀ`` (both trainable, the dense weight
-dropped); the others stay dense and frozen. θ is set by bisection so that the rank removed over all targets is
+a low-rank component ``y = U'(V' x) + b`` with ``U' = U_k √S_k`` and ``V' = √S_k V_kᵀ`` (both trainable, the dense
+weight dropped); the others stay dense and frozen. θ is set by bisection so that the rank removed over all targets is
 ``reduction`` of the total (default 0.5, the paper's 50% compression headline), or given directly as ``threshold``.
 Merging materializes ``U'V'``; ``merged_copy`` gives plain ``nn.Linear`` layers. Not the paper's bf16 factors: they
 keep the base dtype.
