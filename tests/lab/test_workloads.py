@@ -11,6 +11,7 @@ import torch
 
 from trainlab.lab.workloads import get_workload, workload_names
 from trainlab.lab.workloads.digits import digits_data
+from trainlab.lab.workloads.mnist1d import mnist1d_arrays, mnist1d_data
 from trainlab.lab.workloads.modadd import modadd_data
 from trainlab.lab.workloads.pylm import (
     ByteTransformer,
@@ -22,8 +23,8 @@ from trainlab.lab.workloads.pylm import (
 from trainlab.lab.workloads.sbm import GCN, gcn_loss, sbm_graph
 from trainlab.lab.workloads.supervised import accuracy
 
-BUILT_IN = ["digits-mlp", "digits-cnn", "modadd", "pylm", "sbm-gnn"]
-DATA_CACHES = [digits_data, modadd_data, pylm_corpus, sbm_graph]
+BUILT_IN = ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "modadd", "pylm", "sbm-gnn"]
+DATA_CACHES = [digits_data, mnist1d_data, modadd_data, pylm_corpus, sbm_graph]
 
 
 def _tensors(obj):
@@ -176,3 +177,38 @@ def test_gcn_beats_the_same_network_without_edges():
                 scores.append(accuracy(model(g.features, adjacency)[g.val_idx], g.labels[g.val_idx]))
         best[kind] = max(scores)
     assert best["gcn"] > best["mlp"] + 0.2, best
+
+
+def test_mnist1d_is_generated_offline_as_published_and_cached(tmp_path, monkeypatch):
+    """Values from the frozen mnist1d_data.pkl of the MNIST-1D repository; the RNGs make_dataset reseeds are
+    restored; the second call reads the cache file the first one wrote."""
+    import random
+
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)  # get_dataset would write mnist1d_data.pkl here
+    states = random.getstate(), np.random.get_state()
+    data = mnist1d_arrays(cache_dir=tmp_path / "cache")
+    assert random.getstate() == states[0]
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), states[1], strict=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    assert len(list((tmp_path / "cache").glob("mnist1d-*.npz"))) == 1
+
+    assert data["x"].shape == (4000, 40) and data["x_test"].shape == (1000, 40)
+    assert data["y"].shape == (4000,) and data["y_test"].shape == (1000,)
+    published = {
+        (0, 0): -0.3320056673693902,
+        (0, 4): -0.8823525654053074,
+        (1, 0): 1.9654808817629648,
+        (4, 6): -3.336129124519046,
+        (9, 39): 1.5121017949766,
+        (13, 20): 2.755817162823421,
+    }
+    for index, value in published.items():
+        assert data["x"][index] == pytest.approx(value, abs=1e-15)
+    assert data["y_test"][:10].tolist() == [2, 6, 3, 9, 4, 3, 1, 9, 5, 2]
+    assert data["y"][-6:].tolist() == [2, 6, 8, 5, 4, 8]
+    assert np.bincount(np.concatenate([data["y"], data["y_test"]])).tolist() == [500] * 10
+
+    again = mnist1d_arrays(cache_dir=tmp_path / "cache")
+    assert all(np.array_equal(data[k], again[k]) for k in data)
