@@ -152,6 +152,44 @@ def test_frugal_svd_step_is_projected_adam_plus_sign_of_residual():
     torch.testing.assert_close(before - p[0].detach(), expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_frugal_svd_density_one_adds_no_sign_step(dtype):
+    """At density 1 the residual is empty: the step is AdamW's alone (SVD bases rotate the moments, so
+    compare the first step, where Adam's step is ±lr per entry in any basis: |step| ≤ lr·(1 + 1e-5))."""
+    p = make_params([(6, 4)], dtype=dtype)
+    before = p[0].detach().clone()
+    opt = create("frugal", p, density=1.0, lr=1.0, inactive_lr_scale=1.0)
+    p[0].grad = grad(p[0], 0, 0)
+    opt.step()
+    g = p[0].grad.double()
+    q = torch.linalg.svd(g, full_matrices=False)[2].T  # every right singular vector
+    low = g @ q
+    expected = (low / (low.abs() + 1e-8)) @ q.T  # Adam's first step in the rotated basis, nothing else
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close((before - p[0].detach()).double(), expected, atol=tol, rtol=0)
+
+
+def test_frugal_svd_refresh_on_a_low_rank_gradient_adds_no_sign_step_but_later_steps_do():
+    """A rank-2 gradient at a refresh with rank 4: its residual is empty, so the step is projected Adam
+    alone. At the next (non-refresh) step a full-rank gradient has a genuine residual: inactive_lr_scale·sign."""
+    p = make_params([(8, 8)])
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(8, 2, generator=gen, dtype=torch.float64), torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    opt = create("frugal", p, density=0.5, lr=1.0, inactive_lr_scale=0.1, update_gap=10)
+    before = p[0].detach().clone()
+    p[0].grad = u @ v
+    opt.step()
+    q = next(t for k, t in opt.state[p[0]].items() if k.endswith("basis"))  # 8 x 4: m >= n projects columns
+    low = (u @ v) @ q
+    torch.testing.assert_close(before - p[0].detach(), (low / (low.abs() + 1e-8)) @ q.T, atol=1e-12, rtol=0)
+    before = p[0].detach().clone()
+    p[0].grad = g = grad(p[0], 1, 0)
+    opt.step()
+    outside = (before - p[0].detach()) - (before - p[0].detach()) @ q @ q.T  # Adam's part lies in span(q)
+    residual_sign = (g - g @ q @ q.T).sign()
+    torch.testing.assert_close(outside, 0.1 * (residual_sign - residual_sign @ q @ q.T), atol=1e-12, rtol=0)
+
+
 def test_random_projection_is_reproducible_and_sorted():
     p = make_params([(8, 16)])
     opt = create("frugal", p, density=0.5, projection="random", update_gap=1)

@@ -13,7 +13,8 @@ are read in the new coordinates (GaLore, as its official code does), True zeros 
 counter (FRUGAL).
 
 The direction is ``scale·P⁻¹(inner(P(G))) + inactive_lr_scale·rule(G − P⁻¹P(G))`` with ``rule`` one of
-``no`` (GaLore), ``sign_sgd`` (FRUGAL's default) or ``sgd``.
+``no`` (GaLore), ``sign_sgd`` (FRUGAL's default) or ``sgd``. An empty residual (every coordinate active,
+or an SVD basis that spans the gradient) adds no step: see `SVDProjector.residual`.
 """
 
 from __future__ import annotations
@@ -109,12 +110,26 @@ class SVDProjector(Projector):
         return r @ q.mT if _projected_dim(shape) == 1 else q @ r
 
     def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
-        q = state["basis"]  # g − P⁻¹(low) as one GEMM into one new buffer
-        return (
+        """``g − QQᵀg`` (or ``g − gQQᵀ``), exactly zero when it is zero in exact arithmetic.
+
+        A basis that spans the whole side (density 1), or a refresh from a gradient of rank ≤ r, leaves
+        only rounding residue, whose sign() would add a ±lr step to almost every entry (the official
+        FRUGAL code does). A full basis returns zeros; otherwise a residual whose norm is within rounding
+        of ``‖g‖`` (measured: ≈0.4·eps·√side in float32, ≈0.4·eps in bfloat16) is zeroed, without a sync.
+        """
+        q = state["basis"]
+        side = q.size(0)
+        if q.size(1) == side:
+            return torch.zeros_like(g)
+        res = (  # one GEMM into one new buffer
             torch.addmm(g, low, q.mT, alpha=-1)
             if _projected_dim(tuple(g.shape)) == 1
             else torch.addmm(g, q, low, alpha=-1)
         )
+        accumulate = torch.float64 if g.dtype == torch.float64 else torch.float32
+        rtol = 8 * (torch.finfo(g.dtype).eps + torch.finfo(accumulate).eps * side**0.5)
+        nonempty = torch.linalg.vector_norm(res) > rtol * torch.linalg.vector_norm(g)
+        return res.mul_(nonempty)
 
 
 class CoordinateProjector(Projector):
