@@ -157,6 +157,28 @@ def test_mfac_update_equals_explicit_inverse_fisher():
         assert ((direction - expected).norm() / expected.norm()).item() < 1e-10, t
 
 
+def test_mfac_momentum_starts_at_zero_as_in_the_official_code():
+    """optim.py: v = μv + (1−μ)u with v = 0 at first, so with μ = 0.9 the first step is 0.1·u (not u)."""
+    gen = torch.Generator().manual_seed(1)
+    params = [
+        nn.Parameter(torch.randn(3, 4, generator=gen, dtype=DTYPE)),
+        nn.Parameter(torch.randn(5, generator=gen, dtype=DTYPE)),
+    ]
+    m, damp, lr, mu = 4, 1e-1, 0.1, 0.9
+    opt = create("mfac", params, ngrads=m, damp=damp, lr=lr, momentum=mu)
+    window, v = torch.zeros(m, 17, dtype=DTYPE), torch.zeros(17, dtype=DTYPE)
+    for t in range(7):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=DTYPE)
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        window[t % m] = g
+        v = mu * v + (1 - mu) * torch.linalg.solve(damp * torch.eye(17, dtype=DTYPE) + window.T @ window / m, g)
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in params])
+        assert (((before - after) / lr - v).norm() / v.norm()).item() < 1e-10, t
+
+
 def test_mfac_state_is_the_window_and_gram_shares():
     params = [nn.Parameter(torch.zeros(10, 3)), nn.Parameter(torch.zeros(5))]
     opt = create("mfac", params, ngrads=16)

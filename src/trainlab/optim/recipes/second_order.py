@@ -19,15 +19,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from trainlab.curvature import LayerObserver, hvp_from_gradients, rademacher_like, twice_differentiable
+from trainlab.optim.checks import BETAS, FLAG, LR, NON_NEGATIVE, SEED, Interval, integer_at_least, unit_interval
 from trainlab.optim.optimizer import ChainOptimizer
-from trainlab.optim.registry import register_optimizer
+from trainlab.optim.registry import checked, ranges_of, register_optimizer
 from trainlab.optim.transform import chain
 from trainlab.optim.transforms import add_weight_decay, decoupled_weight_decay, trace_momentum
 from trainlab.optim.transforms.curvature import CurvatureFeed, PreconditionMKOR, ScaleByAdaHessian, ScaleByMFAC
@@ -35,19 +36,6 @@ from trainlab.optim.transforms.curvature import CurvatureFeed, PreconditionMKOR,
 ADAHESSIAN_PAPER = "ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning (Yao et al., 2021)"
 MFAC_PAPER = "M-FAC: Efficient Matrix-Free Approximations of Second-Order Information (Frantar et al., 2021)"
 MKOR_PAPER = "MKOR: Momentum-Enabled Kronecker-Factor-Based Optimizer Using Rank-1 Updates (Mozaffari et al., 2023)"
-
-
-def _check(name: str, value: Any, low: float, high: float, *, integer: bool = False) -> None:
-    kind = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], got {value!r}")
-
-
-def _check_betas(betas: Any) -> None:
-    if not (isinstance(betas, tuple | list) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        _check(f"betas[{i}]", b, 0.0, 0.999999)
 
 
 class _BackwardWithGraph(TorchFunctionMode):
@@ -79,10 +67,16 @@ class _BackwardWithGraph(TorchFunctionMode):
         return None
 
 
+# A Rademacher probe and an observed nn.Linear are real; their complex analogues are not these papers' methods.
+CURVATURE_IS_REAL = "the Hessian probes and layer statistics of this method are defined for real parameters"
+
+
 class AdaHessian(ChainOptimizer):
     """A `ChainOptimizer` whose ``step(closure)`` also estimates ``|Hz|`` for the AdaHessian transform.
 
-    ``seed`` seeds the Rademacher probes (None: torch's global RNG).
+    ``seed`` seeds the Rademacher probes (None: torch's global RNG). A parameter the loss does not reach is
+    skipped that step, as one whose gradient is None (with ``zero_grad(set_to_none=False)`` its gradient is
+    a zero tensor, but it has no Hessian-vector product).
     """
 
     def __init__(self, params: Any, seed: int | None = None, **hp: Any) -> None:
@@ -90,7 +84,8 @@ class AdaHessian(ChainOptimizer):
             "Hessian-diagonal estimate",
             "adahessian gets it from a Hessian-vector product: call optimizer.step(closure)",
         )
-        super().__init__(params, chain(decoupled_weight_decay(), ScaleByAdaHessian(self.feed)), **hp)
+        chains = chain(decoupled_weight_decay(), ScaleByAdaHessian(self.feed))
+        super().__init__(params, chains, refuse_complex=CURVATURE_IS_REAL, **hp)
         self.seed = seed
         self.generator: torch.Generator | None = None
 
@@ -109,10 +104,12 @@ class AdaHessian(ChainOptimizer):
             raise RuntimeError("adahessian's closure must call loss.backward() on the loss it returns")
         live = [(p, g) for p, g in zip(params, capture.grads, strict=True) if g is not None]
         ps, gs = [p for p, _ in live], [g for _, g in live]
-        probes = rademacher_like(ps, None if self.seed is None else self._probe_generator(ps[0].device))
-        hz = hvp_from_gradients(gs, ps, probes, retain_graph=False)
-        self.feed.put(ps, [h.detach() for h in hz])
-        super().step()
+        if ps:
+            probes = rademacher_like(ps, None if self.seed is None else self._probe_generator(ps[0].device))
+            hz = hvp_from_gradients(gs, ps, probes, retain_graph=False)
+            self.feed.put(ps, [h.detach() for h in hz])
+        reached = {id(p) for p in ps}
+        self._apply_chains(skip=frozenset(id(p) for p in params if id(p) not in reached))
         return loss
 
     def _probe_generator(self, device: torch.device) -> torch.Generator:
@@ -141,77 +138,185 @@ class AdaHessian(ChainOptimizer):
     "adahessian",
     paper=ADAHESSIAN_PAPER,
     summary="Adam whose second moment tracks a Hutchinson Hessian diagonal |Hz| (spatially averaged for conv)",
+)
+def adahessian(
+    params: Any,
+    *,
     # amirgholami/adahessian (image classification): lr 0.15, eps 1e-4, k 1. Its main.py passes
     # weight_decay/lr = 5e-4/0.15 so the per-step decay is 5e-4·p; ours is lr·weight_decay·p, hence the value.
-    defaults={
-        "lr": 0.15,
-        "betas": (0.9, 0.999),
-        "eps": 1e-4,
-        "hessian_power": 1.0,
-        "weight_decay": 5e-4 / 0.15,
-        "seed": None,
-    },
-)
-def adahessian(params: Any, **hp: Any) -> AdaHessian:
-    _check_betas(hp["betas"])
-    _check("eps", hp["eps"], 0.0, float("inf"))
-    _check("hessian_power", hp["hessian_power"], 1e-12, 1.0)
-    _check("weight_decay", hp["weight_decay"], 0.0, float("inf"))
-    if hp["seed"] is not None and not isinstance(hp["seed"], int):
-        raise ValueError(f"seed must be an integer or None, got {hp['seed']!r}")
-    return AdaHessian(params, **hp)
+    lr: Annotated[float, LR] = 0.15,
+    betas: Annotated[tuple[float, float], BETAS] = (0.9, 0.999),
+    eps: Annotated[float, NON_NEGATIVE] = 1e-4,
+    hessian_power: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 5e-4 / 0.15,
+    seed: Annotated[int | None, SEED] = None,
+) -> AdaHessian:
+    """AdaHessian: Adam with the second moment of ``D = |Hz|`` (Hutchinson, Rademacher z; spatially averaged
+    over conv kernels) instead of g², ``u = m̂ / ((√v̂)^k + eps)``. Needs ``optimizer.step(closure)``.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param groups (any key but ``seed`` per group).
+        lr: learning rate.
+        betas: decay rates of the gradient and Hessian-diagonal moments.
+        eps: added to the denominator.
+        hessian_power: k.
+        weight_decay: decoupled weight decay, multiplied by lr.
+        seed: seed of the Rademacher probes (None: torch's global RNG); kept in ``state_dict``.
+    """
+    hp = checked(adahessian, locals())
+    return AdaHessian(params, seed=hp.pop("seed"), ranges=ranges_of(adahessian), **hp)
 
 
 @register_optimizer(
     "mfac",
     paper=MFAC_PAPER,
     summary="Dynamic M-FAC: inverse of λI + GᵀG/m over a window of m gradients (Woodbury); state m× params",
+)
+def mfac(
+    params: Any,
+    *,
     # IST-DASLab/M-FAC optim.py MFAC defaults. Pitfall: with damp 1e-5, directions outside span(G) are
     # scaled by 1/damp = 1e5, so lr must stay tiny (or damp larger).
-    defaults={"lr": 1e-3, "ngrads": 1024, "damp": 1e-5, "momentum": 0.0, "weight_decay": 0.0},
-)
-def mfac(params: Any, **hp: Any) -> ChainOptimizer:
-    _check("ngrads", hp["ngrads"], 1, 1 << 20, integer=True)
-    _check("damp", hp["damp"], 1e-30, float("inf"))
-    _check("momentum", hp["momentum"], 0.0, 0.999999)
-    _check("weight_decay", hp["weight_decay"], 0.0, float("inf"))
-    transforms = [add_weight_decay(), ScaleByMFAC()]
-    if hp["momentum"] > 0:
-        # M-FAC's v = μv + (1−μ)u: an EMA, i.e. SGD momentum with dampening μ (started at u, not at 0).
-        transforms.append(trace_momentum())
-        hp["dampening"] = hp["momentum"]
-    else:
-        del hp["momentum"]
-    return ChainOptimizer(params, chain(*transforms), **hp)
+    lr: Annotated[float, LR] = 1e-3,
+    ngrads: Annotated[int, Interval(1, 1 << 20, integer=True)] = 1024,
+    damp: Annotated[float, Interval(0.0, low_open=True)] = 1e-5,
+    momentum: Annotated[float, unit_interval()] = 0.0,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
+) -> ChainOptimizer:
+    """M-FAC (dynamic algorithm): ``u = (damp·I + GᵀG/m)⁻¹ g`` over a window G of the last ``ngrads``
+    gradients of all of a group's parameters, by Woodbury; state ``ngrads`` × the parameter count.
+
+    Args:
+        params: parameters or param groups (any key per group; every parameter of a group needs a
+            gradient at every step).
+        lr: learning rate.
+        ngrads: window length m (fixed after the first step).
+        damp: the dampening λ.
+        momentum: μ of ``v ← μv + (1−μ)u``.
+        weight_decay: L2 penalty added to the gradient.
+    """
+    hp = checked(mfac, locals())
+    # M-FAC's momentum v = μv + (1−μ)u (v from zero, as optim.py) lives in ScaleByMFAC.
+    return ChainOptimizer(params, chain(add_weight_decay(), ScaleByMFAC()), ranges=ranges_of(mfac), **hp)
+
+
+class MKOR(ChainOptimizer):
+    """A `ChainOptimizer` that preconditions observed layers before its chain runs.
+
+    A layer's weight and bias are preconditioned together, ``[U_W | U_b] = R⁻¹ [∇W | ∇b] L⁻¹``, wherever
+    they sit: in one group, in two (e.g. no decay on biases), or with the bias frozen or left out of the
+    optimizer (then ∇b counts as zero and U_b is dropped). Parameters added with ``add_param_group`` are
+    watched too. With a `GradScaler`, the layer statistics are unscaled by the same factor as the
+    gradients (the ratio of each weight's gradient norm at step time to the one its backward produced).
+    """
+
+    def __init__(self, params: Any, clipping_value: float, **hp: Any) -> None:
+        self.clipping_value = clipping_value
+        self._observe_nothing_yet()
+        chains = chain(self.preconditioner, add_weight_decay(), trace_momentum())
+        super().__init__(params, chains, refuse_complex=CURVATURE_IS_REAL, **hp)
+
+    def _observe_nothing_yet(self) -> None:
+        self.observer = LayerObserver(clipping=self.clipping_value)
+        self.preconditioner = PreconditionMKOR(self.observer)
+        self._backward_norms: dict[int, Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        first = len(self.param_groups)
+        super().add_param_group(param_group)
+        self._observe([p for g in self.param_groups[first:] for p in g["params"]])
+
+    def _observe(self, params: list[Tensor]) -> None:
+        self.observer.watch(params)
+        norms = self._backward_norms
+        for p in params:
+            if p.ndim >= 2:  # weights of Linear/Conv2d layers: record ‖∇W‖ as backward leaves it
+
+                def record(p: Tensor, norms: dict[int, Tensor] = norms) -> None:
+                    norms[id(p)] = torch.linalg.vector_norm(p.grad)
+
+                self._hooks.append(p.register_post_accumulate_grad_hook(record))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._precondition()
+        self._apply_chains()
+        return loss
+
+    def _precondition(self) -> None:
+        ours = {id(p) for g in self.param_groups for p in g["params"]}
+        for group in self.param_groups:
+            chain_ = self.chains[group["chain"]]
+            for w in group["params"]:
+                stats = self.observer.layers.get(id(w))
+                if stats is None or w.grad is None:
+                    continue
+                if not self.state[w]:
+                    self.state[w].update(chain_.init(w, group))
+                bias = stats.bias
+                if bias is None or id(bias) not in ours or bias.grad is None:
+                    bias = None
+                backward = self._backward_norms.pop(id(w), None)
+                unscale = None if backward is None else torch.linalg.vector_norm(w.grad) / backward
+                prefix = chain_.prefixes[0]
+                own = {k[len(prefix) :]: v for k, v in self.state[w].items() if k.startswith(prefix)}
+                self.preconditioner.precondition(w, bias, own, group, unscale)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The observer's global forward hook and the gradient hooks belong to this process's parameters.
+        drop = {"observer", "preconditioner", "_backward_norms", "_hooks"}
+        return {k: v for k, v in super().__getstate__().items() if k not in drop}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "chains" in state:  # a copy or an unpickled optimizer, not load_state_dict: observe its parameters
+            self._observe_nothing_yet()
+            for c in self.chains.values():
+                c.transforms[0].observer = self.observer
+                self.preconditioner = c.transforms[0]
+            self._observe([p for g in self.param_groups for p in g["params"]])
 
 
 @register_optimizer(
     "mkor",
     paper=MKOR_PAPER,
     summary="Kronecker factors of Linear/Conv2d layers inverted by rank-1 Sherman-Morrison updates, then SGD-m",
+)
+def mkor(
+    params: Any,
+    *,
     # Mohammad-Mozaffari/mkor mkor.py: inv_freq 10, stabilization 0.1, clipping 100, warmup 0; the factor
     # decay 0.95 is hard-coded there (stat_decay is unused) and is our stat_decay. Inner optimizer 'sgd'
     # whose lr/momentum the user gives; ours are trainlab's SGD defaults.
-    defaults={
-        "lr": 0.1,
-        "momentum": 0.9,
-        "dampening": 0.0,
-        "nesterov": False,
-        "weight_decay": 0.0,
-        "inv_freq": 10,
-        "stat_decay": 0.95,
-        "stabilization_factor": 0.1,
-        "warmup_steps": 0,
-        "clipping_value": 100.0,
-    },
-)
-def mkor(params: Any, **hp: Any) -> ChainOptimizer:
-    _check("inv_freq", hp["inv_freq"], 1, 1 << 30, integer=True)
-    _check("warmup_steps", hp["warmup_steps"], 0, 1 << 30, integer=True)
-    _check("stat_decay", hp["stat_decay"], 0.0, 1.0)
-    _check("stabilization_factor", hp["stabilization_factor"], 0.0, 1.0)
-    _check("clipping_value", hp["clipping_value"], 1e-12, float("inf"))
-    observer = LayerObserver(clipping=hp.pop("clipping_value"))
-    optimizer = ChainOptimizer(params, chain(PreconditionMKOR(observer), add_weight_decay(), trace_momentum()), **hp)
-    observer.watch(p for g in optimizer.param_groups for p in g["params"])
-    return optimizer
+    lr: Annotated[float, LR] = 0.1,
+    momentum: Annotated[float, unit_interval()] = 0.9,
+    dampening: Annotated[float, unit_interval(closed=True)] = 0.0,
+    nesterov: Annotated[bool, FLAG] = False,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
+    inv_freq: Annotated[int, integer_at_least(1)] = 10,
+    stat_decay: Annotated[float, unit_interval(closed=True)] = 0.95,
+    stabilization_factor: Annotated[float, unit_interval(closed=True)] = 0.1,
+    warmup_steps: Annotated[int, integer_at_least(0)] = 0,
+    clipping_value: Annotated[float, Interval(0.0, low_open=True)] = 100.0,
+) -> ChainOptimizer:
+    """MKOR: each nn.Linear / nn.Conv2d layer's ``[∇W | ∇b]`` preconditioned by inverse Kronecker factors
+    kept current with rank-1 Sherman-Morrison updates, rescaled to the gradient's norm, then SGD momentum;
+    the other parameters get the SGD momentum alone. Create it before the first forward pass.
+
+    Args:
+        params: parameters or param groups (any key but ``clipping_value`` per group; a layer's weight and
+            bias may sit in different groups).
+        lr, momentum, dampening, nesterov, weight_decay: the SGD that follows the preconditioner.
+        inv_freq: steps between factor refreshes.
+        stat_decay: γ of the factor refresh ``X ← SM(γX + (1−γ)I, v)``.
+        stabilization_factor: ζ of the blend toward I when a factor entry exceeds 2.
+        warmup_steps: refresh at every step before this one.
+        clipping_value: clamp of the layer input and output-gradient rows.
+    """
+    hp = checked(mkor, locals())
+    return MKOR(params, clipping_value=hp.pop("clipping_value"), ranges=ranges_of(mkor), **hp)

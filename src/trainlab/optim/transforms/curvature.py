@@ -21,6 +21,11 @@ from trainlab.optim.transform import GradientTransform, State, new_step_counter,
 from trainlab.optim.transforms.adam import adam_ratio, bias_corrections
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, the dtype itself otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class CurvatureFeed:
     """Per-step tensors (e.g. ``|Hz|``) passed from an optimizer's ``step`` to its transform."""
 
@@ -84,18 +89,23 @@ class ScaleByMFAC(GradientTransform):
     Each parameter keeps its slice of the window (ngrads × numel) and its share ``G_p G_pᵀ`` of the
     Gram matrix (ngrads²), so the state stays per-parameter while the inverse is the global one:
     the shares are summed, one ngrads × ngrads system is solved, and each slice is corrected.
-    Memory: ngrads × the parameter count, plus ngrads² per tensor.
+    Memory: ngrads × the parameter count, plus ngrads² per tensor (plus one copy for ``momentum``).
+
+    ``momentum`` μ > 0 averages the directions, ``v ← μv + (1−μ)u`` with v starting at zero as in
+    optim.py (so the first step is (1−μ)u, not u).
     """
 
     name = "scale_by_mfac"
-    hyperparameters = {"ngrads": 1024, "damp": 1e-5}
+    wide_state = frozenset({"gram"})
+    hyperparameters = {"ngrads": 1024, "damp": 1e-5, "momentum": 0.0}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         m = group["ngrads"]
         return {
             "step": new_step_counter(),
             "grad_window": torch.zeros(m, param.numel(), dtype=param.dtype, device=param.device),
-            "gram": torch.zeros(m, m, dtype=param.dtype, device=param.device),
+            "gram": torch.zeros(m, m, dtype=_wide(param.dtype), device=param.device),
+            "momentum_buffer": torch.zeros_like(param, memory_format=torch.contiguous_format),
         }
 
     def update(
@@ -114,13 +124,21 @@ class ScaleByMFAC(GradientTransform):
         row = int(steps[0] - 1) % m
         flat = [u.reshape(-1) for u in updates]
         torch._foreach_copy_([w[row] for w in windows], flat)
-        dots = [w @ f for w, f in zip(windows, flat, strict=True)]
+        # bfloat16/float16 gradients are stored exactly, but their products are summed in float32: rounded to
+        # 8 bits, the Gram matrix and the Woodbury correction lose the step (damp 1e-5 amplifies the error).
+        wide = [w.to(_wide(w.dtype)) for w in windows]
+        flat = [f.to(w.dtype) for f, w in zip(flat, wide, strict=True)]
+        dots = [w @ f for w, f in zip(wide, flat, strict=True)]
         torch._foreach_copy_([g[row] for g in grams], dots)
         torch._foreach_copy_([g[:, row] for g in grams], dots)
         coef = woodbury_coefficients(sum(g.double() for g in grams), sum(d.double() for d in dots), damp, m)
-        out = [torch.addmv(f, w.T, coef.to(w.dtype), alpha=-1) for w, f in zip(windows, flat, strict=True)]
+        out = [torch.addmv(f, w.T, coef.to(w.dtype), alpha=-1) for w, f in zip(wide, flat, strict=True)]
         torch._foreach_div_(out, damp)
-        return [o.reshape(u.shape) for o, u in zip(out, updates, strict=True)], state
+        out = [o.reshape(u.shape).to(u.dtype) for o, u in zip(out, updates, strict=True)]
+        if group["momentum"] > 0:
+            torch._foreach_lerp_(state["momentum_buffer"], out, 1 - group["momentum"])
+            return list(state["momentum_buffer"]), state
+        return out, state
 
 
 class PreconditionMKOR(GradientTransform):
@@ -133,6 +151,9 @@ class PreconditionMKOR(GradientTransform):
     ``X ← (1−ζ)X + ζI`` (ζ = ``stabilization_factor``), as mkor/mkor.py does. Parameters that are not
     the weight or bias of an observed layer pass through unchanged: the first-order transforms after
     this one in the chain are their declared fallback.
+
+    The optimizer calls `precondition` for every observed layer before the chain runs (a layer's weight
+    and bias may sit in different param groups); `update` hands each parameter its direction.
     """
 
     name = "precondition_mkor"
@@ -140,6 +161,7 @@ class PreconditionMKOR(GradientTransform):
 
     def __init__(self, observer: LayerObserver) -> None:
         self.observer = observer
+        self.directions: dict[int, Tensor] = {}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         if not self.observer.layers:
@@ -165,34 +187,43 @@ class PreconditionMKOR(GradientTransform):
         updated = sherman_morrison(gamma * inverse + (1 - gamma) * eye, v.to(inverse.dtype))
         inverse.copy_(torch.where(reset.bool(), (1 - zeta) * inverse + zeta * eye, updated))
 
+    def precondition(
+        self, weight: Tensor, bias: Tensor | None, state: Mapping[str, Tensor], group: Mapping[str, Any],
+        unscale: Tensor | None = None,
+    ) -> None:
+        """Precondition one layer from ``weight.grad`` (and ``bias.grad``; None: ∇b counts as zero, as for a
+        frozen bias) with the weight's state; the directions wait in this transform until `update` takes them.
+
+        ``unscale`` multiplies the output-gradient statistic: the factor by which the gradients were unscaled
+        since backward (a GradScaler's 1/scale), so the factors see the same vectors as an unscaled run."""
+        stats = self.observer.layers[id(weight)]
+        state["step"].add_(1)
+        t = int(state["step"]) - 1  # a CPU counter: no device sync
+        left, right, reset = state["left_inv"], state["right_inv"], state["reset"]
+        if t % group["inv_freq"] == 0 or t < group["warmup_steps"]:
+            if stats.inputs is None or stats.output_grads is None:
+                raise RuntimeError("mkor found no layer statistics: run forward and backward before step")
+            output_grads = stats.output_grads if unscale is None else stats.output_grads * unscale
+            self._refresh(left, stats.inputs, reset, group)
+            self._refresh(right, output_grads, reset, group)
+            too_big = torch.maximum(left.abs().max(), right.abs().max()) > 2
+            reset.copy_(~reset.bool() & too_big)
+        dw = weight.grad.reshape(weight.shape[0], -1)
+        db = (bias.grad if bias is not None else dw.new_zeros(dw.shape[0])).reshape(-1, 1)
+        pre = right @ torch.cat([dw, db.to(dw.dtype)], 1) @ left if stats.bias is not None else right @ dw @ left
+        parts = [pre[:, : dw.shape[1]]] + ([pre[:, -1]] if bias is not None else [])
+        grads = [dw] + ([db] if bias is not None else [])
+        # Keep the gradient's norm (‖∇W‖ + ‖∇b‖)/(‖U_W‖ + ‖U_b‖); a zero gradient stays zero.
+        scale = torch.nan_to_num(sum(torch._foreach_norm(grads)) / sum(torch._foreach_norm(parts)), nan=1.0)
+        self.directions[id(weight)] = (parts[0] * scale).reshape(weight.shape)
+        if bias is not None:
+            self.directions[id(bias)] = (parts[1] * scale).reshape(bias.shape)
+
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
-        t = step_counts(state)[0] - 1
-        refresh = t % group["inv_freq"] == 0 or t < group["warmup_steps"]
-        position = {id(p): i for i, p in enumerate(params)}
-        out = list(updates)
-        for i, p in enumerate(params):
-            stats = self.observer.layers.get(id(p))
-            if stats is None:
-                continue
-            j = None if stats.bias is None else position.get(id(stats.bias))
-            if stats.bias is not None and j is None:
-                raise ValueError("mkor preconditions a layer's weight and bias together: put both in one group")
-            left, right, reset = state["left_inv"][i], state["right_inv"][i], state["reset"][i]
-            if refresh:
-                if stats.inputs is None or stats.output_grads is None:
-                    raise RuntimeError("mkor found no layer statistics: run forward and backward before step")
-                self._refresh(left, stats.inputs, reset, group)
-                self._refresh(right, stats.output_grads, reset, group)
-                too_big = torch.maximum(left.abs().max(), right.abs().max()) > 2
-                reset.copy_(~reset.bool() & too_big)
-            grads = [updates[i].reshape(p.shape[0], -1)] + ([] if j is None else [updates[j].reshape(-1, 1)])
-            pre = right @ torch.cat(grads, 1) @ left
-            parts = [pre[:, : grads[0].shape[1]]] + ([] if j is None else [pre[:, -1]])
-            # Keep the gradient's norm (‖∇W‖ + ‖∇b‖)/(‖U_W‖ + ‖U_b‖); a zero gradient stays zero.
-            scale = torch.nan_to_num(sum(torch._foreach_norm(grads)) / sum(torch._foreach_norm(parts)), nan=1.0)
-            out[i] = (parts[0] * scale).reshape(p.shape)
-            if j is not None:
-                out[j] = (parts[1] * scale).reshape(params[j].shape)
-        return out, state
+        return [self.directions.pop(id(p), u) for p, u in zip(params, updates, strict=True)], state
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The observer hooks into this process's modules; the optimizer that owns it attaches a new one.
+        return {**self.__dict__, "observer": None, "directions": {}}
