@@ -365,6 +365,19 @@ def test_normalized_gradient_norm_follows_its_ema_and_damps_a_spike():
     assert got[30] < 1.05  # a 1000x gradient leaves with norm about 1
 
 
+def test_all_zero_gradients_still_enter_the_norm_emas_as_in_the_official_code():
+    """stablespam.py updates m_norm_t, v_norm_t with grad_norm = 0 and only skips the rescaling."""
+    norms = [2.0, 3.0, 0.0, 0.0, 2.5, 1.5]
+    got = _normalize(norms)
+    m = v = 0.0
+    for k, (n, u) in enumerate(zip(norms, got, strict=True), start=1):
+        m, v = 0.7 * m + 0.3 * n, 0.9 * v + 0.1 * n * n
+        expected = (m / (1 - 0.7**k)) / (math.sqrt(v / (1 - 0.9**k)) + 1e-8) if n > 0 else 0.0
+        assert u == pytest.approx(expected, rel=1e-12, abs=0.0), k
+    # skipping the zeros in the EMAs (the old behaviour) gives 0.9709 at step 5
+    assert got[4] == pytest.approx(0.7447, abs=1e-4)
+
+
 def test_all_zero_gradient_stays_zero_in_stable_spam():
     p = nn.Parameter(torch.ones(4, dtype=torch.float64))
     optimizer = create("stable-spam", [p], lr=0.1)

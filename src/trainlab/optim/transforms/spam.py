@@ -180,8 +180,15 @@ class NormalizeGradientNorm(GradientTransform):
     """Stable-SPAM's AdaGN: ``ĝ = g/‖g‖ · m̂_n/(sqrt(v̂_n) + eps)`` per tensor.
 
     ``m_n``, ``v_n`` are EMAs (γ1, γ2) of ``‖g‖`` and ``‖g‖²``, bias-corrected with this transform's own
-    step count (not restarted by moment resets). An all-zero gradient leaves its EMAs unchanged and stays
-    zero, as the official code skips it.
+    step count (not restarted by moment resets). An all-zero gradient stays zero, and its norm 0 still
+    enters both EMAs (they decay by γ1, γ2 and the step count advances), as in the official
+    stablespam.py, which updates ``m_norm_t``/``v_norm_t`` before it skips the rescaling when
+    ``grad_norm == 0``.
+
+    Known difference: stablespam.py keeps one per-tensor ``step`` for AdaClip, AdaGN and Adam, and its
+    MoRet sets it back to 1, so after each reset the AdaClip and AdaGN bias corrections restart too
+    (``1 − γ3^k`` with k ≤ ΔT, which keeps AdaClip's threshold inflated by ≥ 1/(1 − γ3^ΔT) ≈ 1.6 for
+    γ3 = 0.999, ΔT = 1000). We count their steps on, as the equations of the spec (section 2) read.
     """
 
     name = "normalize_gradient_norm"
@@ -200,17 +207,15 @@ class NormalizeGradientNorm(GradientTransform):
         gamma1, gamma2 = group["gamma1"], group["gamma2"]
         steps = step_counts(state)
         norms = torch._foreach_norm(updates)
-        active = torch._foreach_sign(norms)  # 0 for an all-zero gradient, else 1
-        torch._foreach_lerp_(state["norm_avg"], norms, torch._foreach_mul(active, 1 - gamma1))
-        torch._foreach_lerp_(
-            state["norm_sq_avg"], torch._foreach_mul(norms, norms), torch._foreach_mul(active, 1 - gamma2)
-        )
+        torch._foreach_lerp_(state["norm_avg"], norms, 1 - gamma1)
+        torch._foreach_lerp_(state["norm_sq_avg"], torch._foreach_mul(norms, norms), 1 - gamma2)
         denom = torch._foreach_div(state["norm_sq_avg"], [1 - gamma2**k for k in steps])
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_mul_(denom, [1 - gamma1**k for k in steps])
         # Divide by ‖g‖, or by 1 where g is all zeros (0/0 would poison the update).
-        torch._foreach_mul_(denom, torch._foreach_add(norms, torch._foreach_add(torch._foreach_neg(active), 1.0)))
+        inactive = torch._foreach_add(torch._foreach_neg(torch._foreach_sign(norms)), 1.0)  # 1 where ‖g‖ = 0
+        torch._foreach_mul_(denom, torch._foreach_add(norms, inactive))
         factors = torch._foreach_div(state["norm_avg"], denom)
         if isinstance(updates, Scratch):  # the clipped copies are ours to overwrite
             torch._foreach_mul_(updates, factors)
