@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from trainlab.compress.masks import get_mask, mask_pattern
-from trainlab.compress.plan import Plan, compressible_layers
+from trainlab.compress.plan import LayerRules, Plan, compressible_layers
 
 
 def _model() -> nn.Module:
@@ -23,7 +23,41 @@ def test_compressible_layers_are_linear_and_conv_only():
 
 def test_exact_name_regex_and_override_order():
     plan = Plan([(".*", "magnitude", 0.5), ("5", "magnitude", 0.0), ("[03]", "nm", "2:4")])
-    assert plan.resolve(_model()) == {"0": ("nm", "2:4"), "3": ("nm", "2:4"), "5": ("magnitude", 0.0)}
+    assert plan.resolve(_model()) == {
+        "0": LayerRules(("nm", "2:4"), None),
+        "3": LayerRules(("nm", "2:4"), None),
+        "5": LayerRules(("magnitude", 0.0), None),
+    }
+
+
+def test_overlapping_rules_give_each_layer_one_pruning_and_one_quantizer():
+    plan = Plan([(".*", "rtn", 4), ("3", "nupes", 3.0), (".*", "magnitude", 0.5), ("[35]", "rtn", 2)])
+    resolved = plan.resolve(_model())
+    assert resolved == {
+        "0": LayerRules(("magnitude", 0.5), ("rtn", 4)),
+        "3": LayerRules(("magnitude", 0.5), ("rtn", 2)),
+        "5": LayerRules(("magnitude", 0.5), ("rtn", 2)),
+    }
+    assert isinstance(Plan([(".*", "rtn", 4.0)]).rules[0].level, int)  # whole floats are bits
+
+
+def test_exclude_and_levels_are_checked_against_the_registry():
+    plan = Plan([(".*", "rtn", 4)])
+    assert list(plan.resolve(_model(), exclude=["5", "[0]"])) == ["3"]
+    with pytest.raises(ValueError, match="exclude pattern 'fc' matches no"):
+        plan.resolve(_model(), exclude="fc")
+    with pytest.raises(ValueError, match="bits"):
+        Plan([(".*", "rtn", 4.5)])
+    with pytest.raises(ValueError, match="one of \\(3,\\)"):
+        Plan([(".*", "ptqtp", 4)])
+    with pytest.raises(ValueError, match="sparsity"):
+        Plan([(".*", "magnitude", 1.5)])
+    with pytest.raises(ValueError, match="N:M"):
+        Plan([(".*", "nm", "4:2")])
+    with pytest.raises(ValueError, match="single rule"):
+        Plan([(".*", "beta-rank", 0.5), ("3", "rtn", 4)])
+    with pytest.raises(ValueError, match="compress\\(model, plan\\)"):
+        Plan([(".*", "rtn", 4)]).apply(_model())
 
 
 def test_rule_matching_nothing_and_unknown_compressor_are_errors():
@@ -56,7 +90,10 @@ def test_from_levels_uses_exact_names_with_dots():
     model = nn.Module()
     model.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
     plan = Plan.from_levels("magnitude", {"blocks.0": 0.5, "blocks.1": 0.25})
-    assert plan.resolve(model) == {"blocks.0": ("magnitude", 0.5), "blocks.1": ("magnitude", 0.25)}
+    assert {k: r.prune for k, r in plan.resolve(model).items()} == {
+        "blocks.0": ("magnitude", 0.5),
+        "blocks.1": ("magnitude", 0.25),
+    }
     plan.apply(model)
     assert [int(get_mask(m).sum()) for m in model.blocks] == [8, 12]
     replay = copy.deepcopy(model)

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from trainlab.compress.prune import check_sparsity
+from trainlab.compress.calibrate import distortion_curves, staged_kl_fitness
+from trainlab.compress.plan import Plan
+from trainlab.compress.prune import MagnitudeLevels, check_sparsity, kept_count
+from trainlab.compress.registry import Allocation, Hyperparameter, register_allocator
 
 Fitness = Callable[[list[int], int, int], float]  # (level indices, selection stage, generation) -> loss
 
@@ -228,3 +233,94 @@ def evopress(
 
     best = evolutionary_search(costs, start_idx, indexed, generations, offspring, survivors, seed, max_step, progress)
     return {n: costs[i][j] for i, (n, j) in enumerate(zip(names, best, strict=True))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registered sparsity allocators: a model and a global sparsity in, a magnitude Plan out
+
+GLOBAL_MP = "Is Complexity Required for Neural Network Pruning? A Case Study on Global Magnitude Pruning"
+RD_PRUNE = "Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep Neural Networks"
+EVOPRESS = "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary Search"
+LAYER_ADAPTIVE_GRID = tuple(i / 50 for i in range(50))  # sparsity 0, 0.02, ..., 0.98 (spec P17)
+
+
+def _weights(allocation: Allocation) -> dict[str, torch.Tensor]:
+    return {name: m.weight.detach() for name, m in allocation.layers.items()}
+
+
+def magnitude_plan(sizes: Mapping[str, int], kept: Mapping[str, int], compressor: str = "magnitude") -> Plan:
+    """Per-layer rules at the sparsity ``1 - kept / n`` (replays to exactly ``kept`` weights)."""
+    return Plan.from_levels(compressor, {k: 1.0 - kept[k] / sizes[k] for k in kept})
+
+
+def _sizes(allocation: Allocation) -> dict[str, int]:
+    return {k: w.numel() for k, w in _weights(allocation).items()}
+
+
+@register_allocator(
+    "uniform", paper="(baseline)", summary="every layer at the same sparsity (exact total)", budget="sparsity"
+)
+def uniform_sparsity(allocation: Allocation, sparsity: float) -> Plan:
+    sizes = _sizes(allocation)
+    return magnitude_plan(sizes, uniform(sizes, sparsity), allocation.compressor)
+
+
+@register_allocator(
+    "global",
+    paper=GLOBAL_MP,
+    summary="one magnitude threshold over all layers, every layer keeping a minimum (MT)",
+    budget="sparsity",
+    hyperparameters={"min_threshold": Hyperparameter(0.05, low=0.0, high=100.0)},
+)
+def global_sparsity(allocation: Allocation, sparsity: float, min_threshold: float = 0.05) -> Plan:
+    kept = global_magnitude(_weights(allocation), sparsity, min_threshold)
+    return magnitude_plan(_sizes(allocation), kept, allocation.compressor)
+
+
+@register_allocator(
+    "layer-adaptive",
+    paper=RD_PRUNE,
+    summary="per-layer output-distortion curves, summed-distortion minimum by dynamic programming",
+    budget="sparsity",
+    needs=("calibration",),
+)
+def layer_adaptive_sparsity(allocation: Allocation, sparsity: float) -> Plan:
+    allocation.require_calibration("layer-adaptive")
+    weights = _weights(allocation)
+    sizes = {k: w.numel() for k, w in weights.items()}
+    db = MagnitudeLevels(weights)
+    levels = {k: sorted({kept_count(n, s) for s in LAYER_ADAPTIVE_GRID}) for k, n in sizes.items()}
+    bar = tqdm(total=len(sizes), desc="distortion curves", disable=not allocation.progress, leave=False)
+    curves = distortion_curves(
+        allocation.model, allocation.layers, levels, db.weight, allocation.calibration, bar.update
+    )
+    bar.close()
+    kept = layer_adaptive(sizes, {k: (levels[k], curves[k]) for k in sizes}, sparsity)
+    return magnitude_plan(sizes, kept, allocation.compressor)
+
+
+@register_allocator(
+    "evopress",
+    paper=EVOPRESS,
+    summary="evolutionary search over per-layer levels, KL to the dense model on calibration data",
+    budget="sparsity",
+    needs=("calibration",),
+    hyperparameters={
+        "generations": Hyperparameter(50, low=0, high=100_000),
+        "offspring": Hyperparameter(16, low=1, high=10_000),
+        "survivors": Hyperparameter((4, 1), low=1, high=10_000, sequence=True),
+        "max_step": Hyperparameter(4, low=1, high=10_000),
+        "quantum": Hyperparameter(None, low=1, high=2**63 - 1),
+        "seed": Hyperparameter(0, low=0, high=2**63 - 1),
+    },
+)
+def evopress_sparsity(allocation: Allocation, sparsity: float, **options: Any) -> Plan:
+    """EvoPress over kept-weight counts with :func:`..calibrate.staged_kl_fitness` (KL to the dense model)."""
+    allocation.require_calibration("evopress")
+    weights = _weights(allocation)
+    sizes = {k: w.numel() for k, w in weights.items()}
+    fitness = staged_kl_fitness(allocation.model, allocation.calibration, MagnitudeLevels(weights).weight)
+    bar = tqdm(total=int(options.get("generations", 50)), desc="evopress", disable=not allocation.progress)
+    kept = evopress(sizes, sparsity, fitness, progress=bar.update, **options)
+    bar.close()
+    return magnitude_plan(sizes, kept, allocation.compressor)

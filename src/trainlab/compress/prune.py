@@ -12,7 +12,11 @@ import torch
 from torch import nn
 
 from trainlab.compress.masks import apply_mask
-from trainlab.compress.plan import compressible_layers, register_compressor
+from trainlab.compress.plan import compressible_layers
+from trainlab.compress.registry import parse_pattern, register_compressor
+
+MAGNITUDE_PAPER = "Learning both Weights and Connections for Efficient Neural Networks (Han et al., NeurIPS 2015)"
+NM_PAPER = "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch (Zhou et al., ICLR 2021)"
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
@@ -36,17 +40,6 @@ def magnitude_mask(weight: torch.Tensor, kept: int) -> torch.Tensor:
     mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
     mask[torch.topk(weight.detach().abs().flatten(), kept, sorted=False).indices] = True
     return mask.view_as(weight)
-
-
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """``"2:4"`` -> ``(2, 4)``; N and M positive integers with N < M."""
-    try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except (ValueError, AttributeError):
-        raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"pattern N:M needs 0 < N < M, got {pattern!r}")
-    return n, m
 
 
 def _input_last(weight: torch.Tensor) -> torch.Tensor:
@@ -73,15 +66,37 @@ def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
     return bool((groups.sum(dim=1) == n).all())
 
 
-@register_compressor("magnitude")
+@register_compressor(
+    "magnitude",
+    paper=MAGNITUDE_PAPER,
+    summary="unstructured: the smallest-magnitude weights of the layer zeroed (masks survive training)",
+    kind="mask",
+    level="sparsity",
+)
+def magnitude(weight: torch.Tensor, *, sparsity: float) -> torch.Tensor:
+    """Mask keeping all but exactly ``round(sparsity * numel)`` of ``weight``'s entries, largest magnitudes."""
+    return magnitude_mask(weight, kept_count(weight.numel(), sparsity))
+
+
+@register_compressor(
+    "nm",
+    paper=NM_PAPER,
+    summary="N:M by magnitude: the N largest of every M consecutive inputs kept (input size a multiple of M)",
+    kind="nm",
+    level="pattern",
+)
+def nm(weight: torch.Tensor, *, pattern: str) -> torch.Tensor:
+    """N:M mask of ``weight``, ``pattern`` like ``"2:4"``."""
+    return nm_mask(weight, *parse_pattern(pattern))
+
+
 def prune_magnitude(module: nn.Module, sparsity: float) -> None:
-    """Unstructured magnitude pruning of one layer to ``sparsity`` (fraction of weights zeroed)."""
-    apply_mask(module, magnitude_mask(module.weight, kept_count(module.weight.numel(), sparsity)))
+    """Unstructured magnitude pruning of one layer in place to ``sparsity`` (fraction of weights zeroed)."""
+    apply_mask(module, magnitude(module.weight, sparsity=sparsity))
 
 
-@register_compressor("nm")
 def prune_nm(module: nn.Module, pattern: str) -> None:
-    """N:M pruning of one layer, ``pattern`` like ``"2:4"``."""
+    """N:M pruning of one layer in place, ``pattern`` like ``"2:4"``."""
     n, m = parse_pattern(pattern)
     apply_mask(module, nm_mask(module.weight, n, m), pattern=f"{n}:{m}")
 

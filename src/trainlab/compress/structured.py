@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainlab.compress.prune import check_sparsity
+from trainlab.compress.registry import compressor_names, get_compressor, register_compressor
 
-METHODS = ("beta-rank", "precrop")
 SYNFLOW_ROUNDS = 100  # SynFlow paper's default for iterative pruning
 _METADATA_KEY = "trainlab.structured.architecture"
 
@@ -244,29 +244,58 @@ def precrop_widths(model: nn.Module, sparsity: float, example: torch.Tensor) -> 
     return widths
 
 
-def structured_prune(model: nn.Module, method: str, sparsity: float, calibration: list[torch.Tensor]) -> nn.Sequential:
-    """A new, physically smaller copy of ``model`` with channels/units removed by ``method``.
+def _keep_top(model: nn.Module, scores: dict[int, torch.Tensor], widths: dict[int, int]) -> nn.Sequential:
+    return slice_channels(model, {i: torch.topk(scores[i], widths[i]).indices for i in widths})
 
-    ``beta-rank``: removes round(sparsity·c) of the c channels of every prunable layer, lowest Beta-Rank scores
-    first. ``precrop``: ``sparsity`` is the fraction of weights to remove; SynFlow's per-layer densities set each
-    layer's width, and the largest-L2-norm filters are kept (at initialization the choice is immaterial; on a
-    trained model it keeps most of the function). ``calibration`` is a list of input batches (precrop only uses
-    its first batch's shape).
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+
+def _check_structured(model: nn.Module, sparsity: float, calibration: list[torch.Tensor]) -> None:
     architecture(model)  # unsupported models fail here, naming the layer, before any work
     check_sparsity(sparsity)
     if not calibration:
         raise ValueError("calibration must hold at least one input batch")
-    if method == "beta-rank":
-        scores = beta_rank_scores(model, calibration)
-        widths = {i: max(1, len(s) - round(sparsity * len(s))) for i, s in scores.items()}
-    else:
-        widths = precrop_widths(model, sparsity, calibration[0])
-        scores = {i: model[i].weight.detach().flatten(1).norm(dim=1) for i in widths}
-    keep = {i: torch.topk(scores[i], widths[i]).indices for i in widths}
-    return slice_channels(model, keep)
+
+
+@register_compressor(
+    "beta-rank",
+    paper="Beta-Rank: A Robust Convolutional Filter Pruning Method For Imbalanced Medical Image Analysis",
+    summary="channels/units ranked by |W| times output-over-input spread, physically sliced",
+    kind="structured",
+    level="sparsity",
+    needs=("calibration",),
+)
+def beta_rank(model: nn.Module, *, sparsity: float, calibration: list[torch.Tensor]) -> nn.Sequential:
+    """Removes round(sparsity·c) of the c channels of every prunable layer, lowest Beta-Rank scores first."""
+    _check_structured(model, sparsity, calibration)
+    scores = beta_rank_scores(model, calibration)
+    return _keep_top(model, scores, {i: max(1, len(s) - round(sparsity * len(s))) for i, s in scores.items()})
+
+
+@register_compressor(
+    "precrop",
+    paper="Structured Pruning is All You Need for Pruning CNNs at Initialization (PreCropping)",
+    summary="layer widths from SynFlow's per-layer densities (sparsity counts weights), physically sliced",
+    kind="structured",
+    level="sparsity",
+    needs=("calibration",),
+)
+def precrop(model: nn.Module, *, sparsity: float, calibration: list[torch.Tensor]) -> nn.Sequential:
+    """``sparsity`` is the fraction of weights to remove; SynFlow's per-layer densities set each layer's width,
+    and the largest-L2-norm filters are kept (at initialization the choice is immaterial; on a trained model it
+    keeps most of the function). Only the first calibration batch's shape is used."""
+    _check_structured(model, sparsity, calibration)
+    widths = precrop_widths(model, sparsity, calibration[0])
+    return _keep_top(model, {i: model[i].weight.detach().flatten(1).norm(dim=1) for i in widths}, widths)
+
+
+def structured_prune(model: nn.Module, method: str, sparsity: float, calibration: list[torch.Tensor]) -> nn.Sequential:
+    """A new, physically smaller copy of ``model`` with channels/units removed by ``method`` (:data:`METHODS`);
+    ``calibration`` is a list of input batches."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return get_compressor(method).function(model, sparsity=sparsity, calibration=calibration)
+
+
+METHODS = tuple(compressor_names("structured"))
 
 
 def save_structured(model: nn.Module, path: str | Path) -> None:
@@ -295,9 +324,11 @@ __all__ = [
     "METHODS",
     "architecture",
     "beta_rank_scores",
+    "beta_rank",
     "build",
     "load_structured",
     "parameter_count",
+    "precrop",
     "precrop_widths",
     "prunable_layers",
     "save_structured",

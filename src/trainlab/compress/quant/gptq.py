@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlab.compress.batches import run_batch
 from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
 from trainlab.runtime import evaluating
 
@@ -181,7 +182,7 @@ def collect_hessians(
     try:
         with evaluating(model):
             for x in inputs:
-                model(x)
+                run_batch(model, x)
     finally:
         for handle in handles:
             handle.remove()
