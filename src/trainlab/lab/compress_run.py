@@ -5,8 +5,8 @@ report.md, results.json and (several sparsities) a plot. ``trainlab compress`` p
 
 from __future__ import annotations
 
-import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainlab.compress.structured import METHODS as STRUCTURED
+from trainlab.compress import Plan, allocate_plan, compress, compressible_layers
+from trainlab.compress.registry import compressor_names, get_compressor
 from trainlab.lab.compress_report import plot_metric_vs_sparsity, pruning_report, quantization_report, results_json
 from trainlab.lab.compression import (
     calibration_batches,
@@ -76,7 +77,7 @@ def prune_workload(job: CompressionJob) -> Path:
     dense = _dense_setup(job)
     records = []
     for s in tqdm(job.sparsities, desc="sparsities", disable=not job.progress or len(job.sparsities) == 1):
-        pruned, path, levels = _prune_one(job, dense, s)
+        pruned, path, levels, achieved, left_dense = _prune_one(job, dense, s)
         records.append(
             {
                 "workload": job.workload,
@@ -89,6 +90,8 @@ def prune_workload(job: CompressionJob) -> Path:
                 "metric_before": dense.metric,
                 "file_bytes_before": dense.file_bytes,
                 "sparsity": s,
+                "achieved_sparsity": round(achieved, 6),
+                "dense_layers": left_dense,
                 "metric_after": dense.workload.evaluate(pruned),
                 "file_bytes_after": path.stat().st_size,
                 "levels": levels,
@@ -101,44 +104,47 @@ def prune_workload(job: CompressionJob) -> Path:
     return job.out / "report.md"
 
 
-def _prune_one(job: CompressionJob, dense: _Dense, sparsity: float) -> tuple[nn.Module, Path, dict[str, Any]]:
-    """The pruned model, its exported file and its per-layer levels."""
+def _prune_one(
+    job: CompressionJob, dense: _Dense, sparsity: float
+) -> tuple[nn.Module, Path, dict[str, Any], float, dict[str, str]]:
+    """The pruned model, its exported file, its per-layer levels, the achieved sparsity over all compressible
+    weights and the layers left dense (with the reason)."""
     from trainlab.compress.export import save_compressed
     from trainlab.compress.masks import sparsity as layer_sparsity
-    from trainlab.compress.pipeline import allocate_magnitude, magnitude_plan
-    from trainlab.compress.plan import Plan, compressible_layers
 
     tag = f"{job.method}-{sparsity:g}"
     path = job.out / f"model-{tag}.safetensors"
-    if job.method in STRUCTURED:
-        from trainlab.compress.structured import save_structured, structured_prune
+    if job.method in compressor_names("structured"):
+        from trainlab.compress.structured import save_structured
 
-        pruned = structured_prune(dense.model, job.method, sparsity, dense.calibration)
-        save_structured(pruned, path)
-        return pruned, path, {n: int(m.weight.shape[0]) for n, m in compressible_layers(pruned).items()}
-    pruned = copy.deepcopy(dense.model)
+        result = compress(dense.model, [(".*", job.method, sparsity)], calibration=dense.calibration)
+        save_structured(result.model, path)
+        widths = {n: int(m.weight.shape[0]) for n, m in compressible_layers(result.model).items()}
+        return result.model, path, widths, result.report.sparsity, {}
     if job.method == "nm":
-        m = int(job.pattern.split(":")[1])
-        fits = [n for n, layer in compressible_layers(pruned).items() if layer.weight.shape[1] % m == 0]
-        if not fits:
-            raise ValueError(f"--pattern {job.pattern}: no layer's input dimension is divisible by M={m}")
-        plan = Plan.from_levels("nm", dict.fromkeys(fits, job.pattern))
+        plan = Plan([(".*", "nm", job.pattern)])
     else:
-        kept = allocate_magnitude(pruned, job.allocator, sparsity, dense.calibration, progress=job.progress)
-        plan = magnitude_plan(pruned, kept)
-    plan.apply(pruned)
+        plan = allocate_plan(
+            job.allocator, dense.model, sparsity=sparsity, calibration=dense.calibration, progress=job.progress
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers N:M leaves dense are named in the report
+        result = compress(dense.model, plan)
+    if not result.report.layers:
+        raise ValueError(f"--pattern {job.pattern}: no layer's input dimension is divisible by M (all left dense)")
+    pruned = result.model
     (job.out / f"plan-{tag}.json").write_text(plan.to_json())
     if job.recover == "perp":
         recover_perp(pruned, dense.workload, steps=job.recover_steps, seed=job.seed + 1, progress=job.progress)
     save_compressed(pruned, path, metadata={"plan": plan.to_json()})
     zeros = layer_sparsity(pruned)
-    return pruned, path, {k: round(zeros.get(k, 0.0), 6) for k in compressible_layers(pruned)}
+    levels = {k: round(zeros.get(k, 0.0), 6) for k in compressible_layers(pruned)}
+    return pruned, path, levels, result.report.sparsity, result.report.dense
 
 
 def quantize_workload(job: CompressionJob) -> Path:
     """Quantize the workload's dense model at ``job.bits``; write the packed file, results.json and report.md
     and return the path of report.md."""
-    from trainlab.compress.plan import compressible_layers
     from trainlab.compress.quant.apply import save_quantized_model
 
     dense = _dense_setup(job)
@@ -170,28 +176,29 @@ def quantize_workload(job: CompressionJob) -> Path:
 
 
 def _quantize(job: CompressionJob, dense: _Dense) -> Any:
-    """The QuantizedModel for the job: BAQ (per-column bits) or per-layer bits then the method."""
-    from trainlab.compress.pipeline import allocate_bits
-    from trainlab.compress.quant.apply import METHODS as QUANT
-    from trainlab.compress.quant.apply import layer_gradients, quantize_model, quantize_model_baq
-
-    if job.allocator == "baq":
-        return quantize_model_baq(dense.model, job.bits, dense.calibration, group_size=job.group_size)
-    options = {} if job.allocator == "uniform" else {"group_size": job.group_size}
+    """The CompressionResult for the job: the allocator's plan (bits per layer, or per column for baq), then
+    :func:`trainlab.compress.compress`; gradient-aware methods get whole batches and the workload's loss."""
     try:
-        levels = allocate_bits(dense.model, job.allocator, job.bits, job.method, dense.calibration, **options)
+        plan = allocate_plan(
+            job.allocator,
+            dense.model,
+            bits=job.bits,
+            compressor=job.method,
+            calibration=dense.calibration,
+            second_order=job.second_order,
+            group_size=job.group_size,
+            progress=job.progress,
+        )
     except ValueError as err:
         raise ValueError(f"--allocator {job.allocator} --bits {job.bits:g}: {err}") from None
-    gradients = None
-    if QUANT[job.method].needs_gradient:
+    batches = dense.calibration
+    if "gradient" in get_compressor(job.method).needs:  # the same draws as the inputs, with their targets
         batches = calibration_batches(dense.workload, job.calibration_batches)
-        gradients = layer_gradients(dense.model, batches, dense.workload.loss)
-    return quantize_model(
+    return compress(
         dense.model,
-        job.method,
-        levels,
+        plan,
+        calibration=batches,
+        loss=dense.workload.loss,
         second_order=job.second_order,
-        calibration=dense.calibration,
         group_size=job.group_size,
-        gradients=gradients,
     )
