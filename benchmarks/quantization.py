@@ -6,7 +6,7 @@
   Hessian from 4096 Gaussian inputs with correlated columns; no warm-up, median of ``--repeats``).
   Second-order variants (GPTQ) include the Cholesky of the damped inverse Hessian, not the Hessian's collection.
 - Dequantize-then-matmul of the packed 4-bit format vs a float32 matmul: ``y = x W^T`` for a 1024x1024 weight,
-  x of 1 and 64 rows. "packed" unpacks the 4-bit codes from bytes (:func:`trainlab.compress.quant.pack.unpack_codes`),
+  x of 1 and 64 rows. "packed" unpacks the 4-bit codes from bytes (:func:`trainlab.compress.bits.unpack_codes`),
   dequantizes with the float16 scales and multiplies, on every call (no cache of the float weight), as a
   memory-saving inference path would; "codes" starts from the unpacked uint8 codes. Timings are medians of
   interleaved repeats.
@@ -25,11 +25,11 @@ from collections.abc import Callable
 import torch
 from report import publish  # benchmarks/report.py (the script directory is on sys.path)
 
+from trainlab.compress.bits import pack_codes, unpack_codes
 from trainlab.compress.quant.gptq import quantize_gptq
 from trainlab.compress.quant.grids import UniformGrid, quantize_rtn
 from trainlab.compress.quant.gwq import quantize_gwq
 from trainlab.compress.quant.nupes import quantize_nupes
-from trainlab.compress.quant.pack import pack_codes, unpack_codes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
 

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlab.compress.batches import output_of
 from trainlab.compress.plan import compressible_layers
 from trainlab.runtime import evaluating
 
+
 def model_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     with evaluating(model):
-        return [model(x) for x in inputs]
+        return [output_of(model, x) for x in inputs]
 
 
 @contextmanager
@@ -64,7 +66,7 @@ def staged_kl_fitness(
                 layers[name].weight.copy_(weight_at(name, level))
         picked = [generation % len(calibration)] if stage == 0 else range(len(calibration))
         with evaluating(work):
-            return sum(kl_to_dense(dense[i], work(calibration[i])).item() for i in picked) / len(picked)
+            return sum(kl_to_dense(dense[i], output_of(work, calibration[i])).item() for i in picked) / len(picked)
 
     return fitness
 
@@ -87,7 +89,7 @@ def distortion_curves(
             for level in levels[name]:
                 with substituted_weight(module, weight_at(name, level)):
                     err = sum(
-                        F.mse_loss(model(x), d, reduction="sum").item() for x, d in zip(inputs, dense, strict=True)
+                        F.mse_loss(output_of(model, x), d, reduction="sum").item() for x, d in zip(inputs, dense, strict=True)
                     )
                 curve.append(err / sum(d.numel() for d in dense))
             curves[name] = curve
