@@ -12,11 +12,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from trainlab.lab import local
 from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import Workload, get_workload
-from trainlab.optim import create, get_spec
-from trainlab.optim.accounting import state_bytes
+from trainlab.runtime import batch_generator
 
 DEMO_WORKLOADS = ("digits-mlp",)
 DEMO_ALGORITHMS = ("sgd", "adamw", "lion", "muon", "stable-spam")
@@ -41,9 +41,9 @@ def resolve_hyperparameters(
     algorithm: str, workload: Workload, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Paper defaults, then the workload's tuned values, then the user's overrides (validated)."""
-    spec = get_spec(algorithm)
+    spec = local.algorithm_spec(algorithm)
     hp = dict(spec.defaults)
-    hp.update({k: v for k, v in workload.hyperparameters.get(algorithm, {}).items() if k in spec.defaults})
+    hp.update({k: v for k, v in local.tuned_hyperparameters(algorithm, workload).items() if k in spec.defaults})
     for key, value in (overrides or {}).items():
         if isinstance(value, Mapping):
             if key == algorithm:
@@ -63,7 +63,9 @@ def validate(config: BenchConfig) -> list[Workload]:
     """Check every name before any training starts, so a typo costs no compute."""
     workloads = [get_workload(name) for name in config.workloads]
     for algorithm in config.algorithms:
-        get_spec(algorithm)
+        local.algorithm_spec(algorithm)
+        if config.schedule is not None and local.is_local(algorithm):
+            raise ValueError(f"a schedule applies to optimizers; {algorithm!r} is a local-training method")
         for w in workloads:
             resolve_hyperparameters(algorithm, w, config.hyperparameters)
     if config.schedule is not None:
@@ -86,7 +88,11 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     workloads = validate(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    total = sum((config.steps or w.steps) for w in workloads) * len(config.algorithms) * config.seeds
+    total = config.seeds * sum(
+        config.steps or local.default_steps(w, a, resolve_hyperparameters(a, w, config.hyperparameters))
+        for w in workloads
+        for a in config.algorithms
+    )
     results: list[dict[str, Any]] = []
     with tqdm(total=total, desc="bench", unit="step", disable=not config.progress) as bar:
         for w in workloads:
@@ -104,7 +110,7 @@ def _run_one(
     config: BenchConfig, workload: Workload, algorithm: str, seed: int, out: Path, progress: Any
 ) -> dict[str, Any]:
     hp = resolve_hyperparameters(algorithm, workload, config.hyperparameters)
-    steps = config.steps or workload.steps
+    steps = config.steps or local.default_steps(workload, algorithm, hp)
     make_scheduler = None
     if config.schedule is not None:
         from trainlab.schedules import create_scheduler
@@ -116,9 +122,10 @@ def _run_one(
     reset_peak_rss()
     result = train(
         workload,
-        lambda model: create(algorithm, model.named_parameters(), **hp),
+        local.make_trainer(workload, algorithm, hp, seed),
         seed=seed,
         steps=steps,
+        batch_size=local.batch_size(workload, algorithm),
         make_scheduler=make_scheduler,
         checkpoint=checkpoint,
         checkpoint_every=config.checkpoint_every,
@@ -126,6 +133,9 @@ def _run_one(
         progress=progress,
     )
     step_times = result.step_times_s
+    peak_rss = peak_rss_bytes()
+    batch = workload.make_batch(local.batch_size(workload, algorithm), batch_generator(seed, steps))
+    activations = local.activation_peak_bytes(workload, result.model, result.optimizer, batch)
     return {
         "workload": workload.name,
         "algorithm": algorithm,
@@ -142,8 +152,9 @@ def _run_one(
         "time_to_target_s": result.time_to_target_s,
         "wall_time_s": result.wall_time_s,
         "step_time_ms_median": 1e3 * statistics.median(step_times) if step_times else None,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "optimizer_state_bytes": state_bytes(result.optimizer),
+        "peak_rss_bytes": peak_rss,
+        "optimizer_state_bytes": local.trainer_state_bytes(result.optimizer),
+        "activation_peak_bytes": activations,
         "diverged": result.diverged,
         "diverged_at_step": result.diverged_at,
         "curve": [{k: _finite_or_none(v) for k, v in point.items()} for point in result.curve],

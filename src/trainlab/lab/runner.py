@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -20,7 +20,22 @@ from torch import nn
 from trainlab.lab.workloads.base import Batch, Workload
 from trainlab.runtime import batch_generator
 
-OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+class BatchTrainer(Protocol):
+    """A training method other than backprop + optimizer (e.g. a trainlab.localtrain method): one call per
+    batch. ``predictor`` is the module evaluated in place of the workload's model."""
+
+    predictor: nn.Module
+
+    def train_step(self, batch: Batch) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# Returns an optimizer (backprop) or a BatchTrainer (the method trains the model its own way).
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer | BatchTrainer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -81,6 +96,10 @@ def train(
     torch.manual_seed(seed)
     model = workload.make_model()
     optimizer = make_optimizer(model)
+    local = None if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if local is not None and (make_scheduler is not None or on_gradients is not None or loss_fn is not workload.loss):
+        raise ValueError("make_scheduler, on_gradients and loss_fn apply to optimizers, not to a BatchTrainer")
+    evaluated = model if local is None else local.predictor
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     run = _RunState()
     if resume and checkpoint is not None and checkpoint.exists():
@@ -102,7 +121,7 @@ def train(
                 on_gradients(step, model)
             return loss
 
-        loss = optimizer.step(closure)
+        loss = optimizer.step(closure) if local is None else local.train_step(batch)
         if scheduler is not None:
             scheduler.step()
         run.step_times_s.append(time.perf_counter() - t0)
@@ -112,7 +131,7 @@ def train(
             progress(1)
         if step % eval_every == 0 or step == steps:
             paused = time.perf_counter()
-            _evaluate(workload, model, run, pending, step, paused - start)
+            _evaluate(workload, evaluated, run, pending, step, paused - start)
             start += time.perf_counter() - paused  # as in AlgoPerf, evaluation time is not training time
             pending = []
             if run.diverged_at is None and stop_at_target and run.steps_to_target is not None:
