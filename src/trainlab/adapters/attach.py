@@ -161,7 +161,7 @@ def prepare(model: nn.Module, batches: Iterable[Any], *, loss: Loss) -> nn.Modul
     weights = [layer.base.weight for layer in layers]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    sums = [torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) for w in weights]
     count = 0
     try:
         for p in params:  # gradients of the target base weights only: no graph through anything else
@@ -172,7 +172,7 @@ def prepare(model: nn.Module, batches: Iterable[Any], *, loss: Loss) -> nn.Modul
             grads = torch.autograd.grad(loss(model, batch), weights, allow_unused=True)
             for s, g in zip(sums, grads, strict=True):
                 if g is not None:
-                    s.add_(g.float())
+                    s.add_(g)
             count += 1
     finally:
         for p, flag in zip(params, flags, strict=True):
