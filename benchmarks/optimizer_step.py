@@ -10,7 +10,7 @@ A ~10M-parameter stack of 1024x1024 linear layers gets fixed random gradients; e
 - ``muon`` vs ``pytorch_optimizer.Muon`` with the same routing (matrices to Muon, biases to its AdamW with
   the same lr/betas/eps), the same 5 Newton–Schulz steps with Keller Jordan's coefficients and the same
   shape scaling. pytorch_optimizer iterates in bfloat16; ours in float32 on the CPU by default, so Muon has
-  two rows: the default, and ``scale_by_muon(ns_dtype=torch.bfloat16)`` (the same precision as the baseline).
+  two rows: the default, and ``ns_dtype=torch.bfloat16`` (the same precision as the baseline).
 
 "Traffic" is the least memory an optimizer step must move: read the gradient, read and write the parameter
 and every state tensor. Its rate is compared with ``torch._foreach_copy_`` over tensors of the parameters'
@@ -85,7 +85,8 @@ def _pytorch_optimizer_muon() -> dict[str, Factory]:
 
 
 def _muon_ns_bf16(optimizer: torch.optim.Optimizer) -> None:
-    optimizer.chains["muon"].transforms[-1].ns_dtype = torch.bfloat16  # type: ignore[attr-defined]
+    for group in optimizer.param_groups:  # what create("muon", ..., ns_dtype=torch.bfloat16) sets
+        group["ns_dtype"] = torch.bfloat16
 
 
 def _rows() -> list[Row]:

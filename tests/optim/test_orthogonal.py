@@ -369,3 +369,57 @@ def test_orthograd_wraps_any_chain_recipe_and_rejects_others():
         create("orthograd", model.parameters(), base="sgd", betas=(0.5, 0.5))
     with pytest.raises(ValueError, match="unknown optimizer"):
         create("orthograd", model.parameters(), base="nope")
+
+
+# ---- the shared chain steps and ns_dtype ----
+
+
+def test_muon_and_auon_are_chains_of_shared_steps():
+    from trainlab.optim.transforms import (
+        ema_momentum,
+        normalize_cosh_brake,
+        orthogonalize_newton_schulz,
+        scale_by_shape,
+    )
+
+    assert [t.name for t in scale_by_muon().transforms] == [
+        "ema_momentum",
+        "orthogonalize_newton_schulz",
+        "scale_by_shape",
+    ]
+    assert [t.name for t in scale_by_auon().transforms] == ["ema_momentum", "normalize_cosh_brake", "scale_by_shape"]
+    # Composed by hand, the steps are Muon itself, bitwise in float32.
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    a, b = [nn.Parameter(w.clone()) for w in init], [nn.Parameter(w.clone()) for w in init]
+    opt_a = create("muon", a, lr=0.05)
+    opt_b = ChainOptimizer(b, chain(ema_momentum(), orthogonalize_newton_schulz(), scale_by_shape()), lr=0.05)
+    for t in range(5):
+        for i, (pa, pb) in enumerate(zip(a, b, strict=True)):
+            pa.grad = pb.grad = fake_grad(pa.detach(), torch.zeros_like(pa), t, i)
+        opt_a.step()
+        opt_b.step()
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a, b, strict=True))
+    # AuON's brake alone: unit Frobenius norm up to the cosh factor sqrt(1 + γ²/n) (see the test above).
+    x = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    (y,), _ = normalize_cosh_brake().update([x], {}, [x], {"gamma": 1.5})
+    assert math.isclose(y.norm().item(), 1 / math.sqrt(1 + 1.5**2 / 4096), rel_tol=1e-5)
+
+
+def test_ns_dtype_bfloat16_from_create_runs_newton_schulz_in_bfloat16():
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.zeros(24, 16))  # so that the step is exactly -update
+    g = torch.randn(24, 16, generator=gen)
+    opt = create("muon", [w], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.bfloat16)
+    w.grad = g
+    opt.step()
+    expected = newton_schulz(g, dtype=torch.bfloat16) * 1.5**0.5  # 24/16 rows per column
+    assert torch.equal(-w.detach(), expected)  # the same bf16 arithmetic, bitwise
+    assert not torch.equal(expected, newton_schulz(g) * 1.5**0.5)  # and not the float32 iteration
+    assert (expected - newton_schulz(g) * 1.5**0.5).abs().max() < 0.05
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["param_groups"][0]["ns_dtype"] == torch.bfloat16
+    with pytest.raises(ValueError, match="ns_dtype"):
+        create("muon", [w], ns_dtype=torch.int8)

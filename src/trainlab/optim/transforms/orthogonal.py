@@ -2,9 +2,12 @@
 
 - `newton_schulz`: Keller Jordan's quintic Newton–Schulz iteration, which maps a matrix to a nearby
   semi-orthogonal one (singular values pushed into roughly [0.7, 1.2]) with matrix products only.
-- `scale_by_muon`: Nesterov momentum, then Newton–Schulz per weight matrix (KellerJordan/Muon, muon.py).
-- `scale_by_auon`: Nesterov momentum, then Frobenius normalization and the cosh "RMS brake"
-  (ryyzn9/AuON): linear time, no semi-orthogonal matrix.
+- Chain steps that orthogonal methods share (HeavyBall's chainable functions are the model):
+  `ema_momentum` (muon.py's EMA/Nesterov momentum), `orthogonalize_newton_schulz`, `scale_by_shape`
+  (``max(1, rows/cols)^½``) and `normalize_cosh_brake` (AuON's Frobenius normalization and cosh brake).
+- `scale_by_muon` = ema_momentum → orthogonalize_newton_schulz → scale_by_shape (KellerJordan/Muon).
+- `scale_by_auon` = ema_momentum → normalize_cosh_brake → scale_by_shape (ryyzn9/AuON): linear time, no
+  semi-orthogonal matrix.
 - `orthogonalize_gradient`: ⊥Grad, which removes the gradient's component along the weight so the
   optimizer cannot lower the loss by merely scaling the weights (Prieto et al., "Grokking at the Edge of
   Numerical Stability").
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, Scratch, State
+from trainlab.optim.transform import Chain, GradientTransform, Scratch, State
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -85,73 +88,92 @@ def _shape_scale(m: Tensor) -> float:
     return max(1.0, m.size(0) / m.size(1)) ** 0.5
 
 
-def _nesterov_momentum(updates: list[Tensor], state: State, group: Mapping[str, Any]) -> list[Tensor]:
-    """``B ← βB + (1−β)G``; returns ``(1−β)G + βB`` (Nesterov) or ``B``, as new tensors."""
-    beta = group["momentum"]
-    bufs = state["momentum_buffer"]
-    torch._foreach_lerp_(bufs, updates, 1 - beta)
-    if group["nesterov"]:
-        return list(torch._foreach_lerp(updates, bufs, beta))
-    return list(bufs)
+class EmaMomentum(GradientTransform):
+    """Muon's momentum: ``B ← βB + (1−β)G`` from B = 0; returns ``(1−β)G + βB`` (Nesterov) or ``B``.
 
+    The EMA form of muon.py (``buf.lerp_(grad, 1 − β)``, then ``grad.lerp_(buf, β)``), not torch.optim.SGD's
+    ``B ← βB + G`` (that is `trace_momentum`).
+    """
 
-class _MomentumTransform(GradientTransform):
-    """Shared state of Muon and AuON: one momentum buffer per parameter, starting at zero."""
+    name = "ema_momentum"
+    per_parameter = True
+    hyperparameters = {"momentum": 0.95, "nesterov": True}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        beta = group["momentum"]
+        bufs = state["momentum_buffer"]
+        torch._foreach_lerp_(bufs, updates, 1 - beta)
+        if group["nesterov"]:
+            return Scratch(torch._foreach_lerp(updates, bufs, beta)), state
+        return list(bufs), state  # the state itself: the next transform must not write into it
 
-class ScaleByMuon(_MomentumTransform):
-    """Muon's direction: Nesterov momentum, orthogonalized by Newton–Schulz, times max(1, rows/cols)^½.
 
-    Matrices of the same shape are orthogonalized together as one batched matmul.
+class OrthogonalizeNewtonSchulz(GradientTransform):
+    """Each update, viewed as a matrix ``(out, -1)``, replaced by `newton_schulz` of it.
+
+    ``ns_steps`` iterations in ``ns_dtype`` (None: `_ns_dtype`'s choice, float32 on the CPU and bfloat16
+    on accelerators; torch.bfloat16 is muon.py's precision and halves the CPU step time on CPUs with bf16
+    dot products, AVX512-BF16 or AMX). Matrices of one shape are orthogonalized as one batched matmul, so
+    this transform is not per-parameter.
     """
 
-    name = "scale_by_muon"
-    hyperparameters = {"momentum": 0.95, "nesterov": True, "ns_steps": 5}
-
-    def __init__(self, ns_dtype: torch.dtype | None = None) -> None:
-        # None: `_ns_dtype`'s choice. torch.bfloat16 on a CPU with bf16 dot products (AVX512-BF16, AMX)
-        # halves the step time, at muon.py's (and pytorch_optimizer's) bf16 precision.
-        self.ns_dtype = ns_dtype
+    name = "orthogonalize_newton_schulz"
+    hyperparameters = {"ns_steps": 5, "ns_dtype": None}
 
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
-        mats = _as_matrices(_nesterov_momentum(updates, state, group), self.name)
+        mats = _as_matrices(updates, self.name)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, m in enumerate(mats):
             by_shape.setdefault(tuple(m.shape), []).append(i)
         out: list[Tensor] = [torch.empty(0)] * len(mats)
         for idx in by_shape.values():
-            ortho = newton_schulz(torch.stack([mats[i] for i in idx]), group["ns_steps"], dtype=self.ns_dtype)
-            scale = _shape_scale(mats[idx[0]])
+            ortho = newton_schulz(torch.stack([mats[i] for i in idx]), group["ns_steps"], dtype=group["ns_dtype"])
             for i, o in zip(idx, ortho.unbind(0), strict=True):
-                out[i] = o.mul_(scale).reshape(updates[i].shape)
-        return out, state
+                out[i] = o.reshape(updates[i].shape)
+        return Scratch(out), state
 
 
-class ScaleByAuON(_MomentumTransform):
-    """AuON's direction: ``X = U/(‖U‖_F + 1e-7)``, then ``X / sqrt(mean(cosh(γX)²))``, times scale.
+class ScaleByShape(GradientTransform):
+    """Multiply each update by ``max(1, rows/cols)^½`` of its ``(out, -1)`` view (muon.py's shape factor)."""
 
-    ``scale = max(1, rows/cols)^½`` as in Muon. This is the normalized form of the paper and of the
-    c87b862 training script, so ‖update‖_F ≈ scale (a Frobenius trust region). The packaged
-    ``AuON.step`` (bba2e82) divides the *unnormalized* momentum by the cosh factor instead, which makes
-    its update ≈ the raw momentum; we do not follow it.
+    name = "scale_by_shape"
+    per_parameter = True
+
+    def update(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], State]:
+        scales = [_shape_scale(m) for m in _as_matrices(updates, self.name)]
+        if isinstance(updates, Scratch):
+            torch._foreach_mul_(updates, scales)
+            return updates, state
+        return Scratch(torch._foreach_mul(updates, scales)), state
+
+
+class NormalizeCoshBrake(GradientTransform):
+    """AuON's normalization: ``X = U/(‖U‖_F + 1e-7)``, then ``X / sqrt(mean(cosh(γX)²))``.
+
+    This is the normalized form of the paper and of the c87b862 training script, so ‖X‖_F ≈ 1 (a Frobenius
+    trust region). The packaged ``AuON.step`` (bba2e82) divides the *unnormalized* momentum by the cosh
+    factor instead, which makes its update ≈ the raw momentum; we do not follow it.
     """
 
-    name = "scale_by_auon"
+    name = "normalize_cosh_brake"
     per_parameter = True
-    hyperparameters = {"momentum": 0.95, "nesterov": True, "gamma": 1.5}
+    hyperparameters = {"gamma": 1.5}
 
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
         gamma = group["gamma"]
-        mom = _nesterov_momentum(updates, state, group)
-        scales = [_shape_scale(m) for m in _as_matrices(mom, self.name)]
-        work = [u if u.dtype == torch.float64 else u.float() for u in mom]  # cosh sums overflow in fp16
+        _as_matrices(updates, self.name)
+        work = [u if u.dtype == torch.float64 else u.float() for u in updates]  # cosh sums overflow in fp16
         norms = torch._foreach_add(torch._foreach_norm(work), 1e-7)
         x = torch._foreach_div(work, norms)
         # mean(cosh(γx)²) = (Σ e^{2γx} + Σ e^{-2γx} + 2n) / 4n, and a sum of positive terms is an ℓ1 norm,
@@ -163,10 +185,28 @@ class ScaleByAuON(_MomentumTransform):
         mean_cosh_sq = torch._foreach_add(pos, neg)
         torch._foreach_add_(mean_cosh_sq, [2 * n for n in sizes])
         torch._foreach_div_(mean_cosh_sq, [4 * n for n in sizes])
-        factor = torch._foreach_reciprocal(torch._foreach_sqrt(mean_cosh_sq))
-        torch._foreach_mul_(factor, scales)
-        torch._foreach_mul_(x, factor)
-        return [xi.to(u.dtype) for xi, u in zip(x, updates, strict=True)], state
+        torch._foreach_mul_(x, torch._foreach_reciprocal(torch._foreach_sqrt(mean_cosh_sq)))
+        return Scratch([xi.to(u.dtype) for xi, u in zip(x, updates, strict=True)]), state
+
+
+class ScaleByMuon(Chain):
+    """Muon's direction as three chain steps: `EmaMomentum` (Nesterov), `OrthogonalizeNewtonSchulz`,
+    `ScaleByShape` (KellerJordan/Muon, muon.py)."""
+
+    name = "scale_by_muon"
+
+    def __init__(self) -> None:
+        super().__init__(EmaMomentum(), OrthogonalizeNewtonSchulz(), ScaleByShape())
+
+
+class ScaleByAuON(Chain):
+    """AuON's direction as three chain steps: `EmaMomentum` (Nesterov), `NormalizeCoshBrake`, `ScaleByShape`,
+    so ‖update‖_F ≈ max(1, rows/cols)^½ (ryyzn9/AuON)."""
+
+    name = "scale_by_auon"
+
+    def __init__(self) -> None:
+        super().__init__(EmaMomentum(), NormalizeCoshBrake(), ScaleByShape())
 
 
 class OrthogonalizeGradient(GradientTransform):
@@ -194,8 +234,24 @@ class OrthogonalizeGradient(GradientTransform):
         return Scratch(ortho), state
 
 
-def scale_by_muon(ns_dtype: torch.dtype | None = None) -> ScaleByMuon:
-    return ScaleByMuon(ns_dtype)
+def ema_momentum() -> EmaMomentum:
+    return EmaMomentum()
+
+
+def orthogonalize_newton_schulz() -> OrthogonalizeNewtonSchulz:
+    return OrthogonalizeNewtonSchulz()
+
+
+def scale_by_shape() -> ScaleByShape:
+    return ScaleByShape()
+
+
+def normalize_cosh_brake() -> NormalizeCoshBrake:
+    return NormalizeCoshBrake()
+
+
+def scale_by_muon() -> ScaleByMuon:
+    return ScaleByMuon()
 
 
 def scale_by_auon() -> ScaleByAuON:
