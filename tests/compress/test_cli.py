@@ -101,7 +101,8 @@ def test_nm_with_perp_recovery(compress_cli, cache, tmp_path):
     assert (r["sparsity"], r["recover"], r["pattern"]) == (0.5, "perp", "2:4")
     assert r["levels"] == {"1": 0.5, "3": 0.5, "5": 0.5}
     with safe_open(str(tmp_path / "model-nm-0.5.safetensors"), framework="pt") as f:
-        assert '"format": "nm"' in f.metadata()["trainlab.sparse"]
+        packed = json.loads(f.metadata()["trainlab.format"])["packed"]
+        assert {d["kind"] for d in packed.values()} == {"nm"}
 
 
 @pytest.mark.parametrize("allocator", ["layer-adaptive", "evopress"])
@@ -124,3 +125,15 @@ def test_a_stale_cached_checkpoint_is_retrained(tmp_path):
     torch.save({"weight": torch.zeros(3)}, path)
     model = trained_model(get_workload("digits-mlp"), 0, 5, tmp_path)
     assert torch.equal(torch.load(path, weights_only=True)["1.weight"], model[1].weight)
+
+
+def test_nm_reports_the_real_sparsity_and_the_layers_it_left_dense(cache, tmp_path):
+    out = tmp_path / "nm"
+    args = ["--workload", "digits-cnn", "--method", "nm", "--pattern", "2:4", "--steps", "2", "--quiet"]
+    assert main(["compress", *args, "--cache-dir", str(cache), "--out", str(out)]) == 0  # the weights don't matter
+    r = json.loads((out / "results.json").read_text())
+    assert list(r["dense_layers"]) == ["0"]  # the first conv has 1 input channel: not a multiple of M = 4
+    assert "not a multiple of M=4" in r["dense_layers"]["0"] and r["levels"]["0"] == 0.0
+    assert r["sparsity"] == 0.5 and 0.4 < r["achieved_sparsity"] < 0.5
+    report = (out / "report.md").read_text()
+    assert f"| 0.5 | {r['achieved_sparsity']:.4f} |" in report and "Left dense at sparsity 0.5: `0`" in report

@@ -8,16 +8,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from trainlab.compress.export import (
-    META_KEY,
-    load_compressed,
-    pack_bits,
-    save_compressed,
-    save_dense,
-    unpack_bits,
-)
+from trainlab.compress.bits import pack_bits, unpack_bits
+from trainlab.compress.export import load_compressed, save_compressed, save_dense
 from trainlab.compress.masks import get_mask, mask_pattern, masked_layers
 from trainlab.compress.plan import Plan
+from trainlab.compress.storage import META_KEY
 
 
 def _cnn() -> nn.Module:
@@ -49,7 +44,7 @@ def test_pack_bits_round_trip(bits):
 
 def _stored(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[META_KEY])  # noqa: SIM118
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[META_KEY])["packed"]  # noqa: SIM118
 
 
 @pytest.mark.parametrize(
@@ -72,7 +67,7 @@ def test_round_trip_is_bit_exact_and_smaller(tmp_path, plan, fmt, expected):
     sparse_bytes = save_compressed(model, tmp_path / "sparse.safetensors", fmt=fmt)
     assert sparse_bytes < dense_bytes
     tensors, described = _stored(tmp_path / "sparse.safetensors")
-    assert {d["format"] for d in described.values()} == {expected}
+    assert {d["kind"] for d in described.values()} == {expected}
     assert not [k for k in tensors if "orig" in k or "weight_mask" in k or "sparsity_mask" in k]
     assert not set(described) & set(tensors)  # masked weights are only stored encoded
     loaded = load_compressed(tmp_path / "sparse.safetensors", _cnn).eval()

@@ -1,5 +1,5 @@
-"""Packed storage: codes round-trip bit for bit at every width and length, 3-bit codes straddle bytes,
-files are the nominal size plus a small header, and the loaded weights dequantize identically."""
+"""Packed quantized formats: codes round-trip bit for bit at every width and length, 3-bit codes straddle bytes,
+files are the formats' nbytes plus a small header, and the loaded weights dequantize identically."""
 
 import functools
 import math
@@ -9,19 +9,40 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from trainlab.compress.bits import pack_codes, pack_trits, unpack_codes, unpack_trits
 from trainlab.compress.quant.gptq import collect_hessians, quantize_gptq
 from trainlab.compress.quant.grids import QuantizedWeight, UniformGrid, quantize_rtn
-from trainlab.compress.quant.pack import (
-    dequantized_state,
-    load_quantized,
-    nominal_bytes,
-    pack_codes,
-    pack_trits,
-    save_quantized,
-    unpack_codes,
-    unpack_trits,
-)
 from trainlab.compress.quant.ptqtp import TritPlanes, quantize_ptqtp
+from trainlab.compress.storage import dequantized, load, save
+
+
+def save_quantized(path, weights, tensors=None, metadata=None):
+    return save(path, tensors or {}, weights, metadata)
+
+
+def load_quantized(path):
+    state, packed = load(path)
+    return packed, state
+
+
+def dequantized_state(path, dtype=torch.float32):
+    return dequantized(*load(path), dtype)
+
+
+def nominal_bytes(q):
+    return q.nbytes()
+
+
+def header_bytes(path) -> int:
+    """The safetensors header: an 8-byte length, then that many bytes of JSON (names, dtypes, metadata)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def assert_packed_size(path, size, weights, extra=0):
+    """The file is exactly the formats' nbytes (plus ``extra`` plain bytes) and its header, ~130 bytes a layer."""
+    assert size == path.stat().st_size == sum(q.nbytes() for q in weights.values()) + extra + header_bytes(path)
+    assert header_bytes(path) < 150 * sum(len(q.to_tensors("x::")) for q in weights.values()) + 100
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -73,7 +94,7 @@ def test_file_size_is_nominal_plus_header(tmp_path, name):
     size = save_quantized(tmp_path / "q.safetensors", {name: q})
     codes_bytes = math.ceil(q.codes.numel() * q.bits / 8)
     assert nominal_bytes(q) >= codes_bytes + 2 * q.scale.numel()
-    assert 0 < size - nominal_bytes(q) < 400
+    assert_packed_size(tmp_path / "q.safetensors", size, {name: q})
 
 
 def test_save_load_round_trip_is_identical(tmp_path):
@@ -123,9 +144,9 @@ def test_save_rejects_unstorable_weights(tmp_path):
     with pytest.raises(ValueError, match="must not contain"):
         save_quantized(tmp_path / "x.safetensors", {"w": q}, {"w": w})
     bad_zero = QuantizedWeight(q.codes, q.scale, q.zero + 1, 4, True, None)
-    with pytest.raises(ValueError, match="zero points"):
+    with pytest.raises(ValueError, match=r"packed\['w'\] \(uniform\): .*zero points"):
         save_quantized(tmp_path / "x.safetensors", {"w": bad_zero})
-    with pytest.raises(ValueError, match="QuantizedWeight"):
+    with pytest.raises(ValueError, match="registered packed formats"):
         save_quantized(tmp_path / "x.safetensors", {"w": w})
 
 
@@ -158,7 +179,7 @@ def test_trit_planes_round_trip_and_size(tmp_path):
     mixed = {"p.weight": planes, "r.weight": quantize_rtn(w, 3)}
     size = save_quantized(tmp_path / "t.safetensors", mixed)
     assert nominal_bytes(planes) == 2 * math.ceil(96 * 256 / 5) + 2 * 2 * 96 * 4
-    assert 0 < size - sum(nominal_bytes(q) for q in mixed.values()) < 800
+    assert_packed_size(tmp_path / "t.safetensors", size, mixed)
     loaded, _ = load_quantized(tmp_path / "t.safetensors")
     back = loaded["p.weight"]
     assert isinstance(back, TritPlanes) and back.group_size == 64
@@ -210,7 +231,7 @@ def test_new_kinds_nominal_bytes():
 def test_new_kinds_round_trip_and_size(tmp_path, name):
     q = _new_kinds()[name]
     size = save_quantized(tmp_path / "q.safetensors", {name: q})
-    assert 0 < size - nominal_bytes(q) < 600  # the safetensors header: ~90 bytes per stored tensor + metadata
+    assert_packed_size(tmp_path / "q.safetensors", size, {name: q})
     loaded, _ = load_quantized(tmp_path / "q.safetensors")
     back = loaded[name]
     assert type(back) is type(q)
@@ -225,7 +246,7 @@ def test_all_kinds_in_one_file(tmp_path):
     weights = {**_new_kinds(), **_weights()}
     path = tmp_path / "all.safetensors"
     size = save_quantized(path, weights, {"bias": torch.ones(3)})
-    assert 0 < size - sum(nominal_bytes(q) for q in weights.values()) < 400 * len(weights)  # headers only
+    assert_packed_size(path, size, weights, extra=3 * 4)  # + the float32 bias
     loaded, plain = load_quantized(path)
     assert isinstance(loaded["n.weight"], PowerQuantizedWeight) and loaded["m.weight"].exponent == 0.6
     assert not isinstance(loaded["a.weight"], PowerQuantizedWeight)

@@ -19,10 +19,14 @@ bound still holds. ``scale_dtype=None`` keeps exact scales. An all-zero row/grou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from trainlab.compress.bits import pack_codes, packed_bytes, unpack_codes
+from trainlab.compress.formats import default_dtype, float16_part, register_format
 
 MIN_BITS, MAX_BITS = 2, 8
 SCALE_DTYPES = (torch.float16, None)
@@ -90,9 +94,13 @@ class GridParams:
         return GridParams(torch.cat([p.scale for p in parts], 1), torch.cat([p.zero for p in parts], 1))
 
 
+@register_format("uniform")
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """Integer codes (uint8, ``(rows, cols)``) with per-row, per-group scales and zero points."""
+    """Integer codes (uint8, ``(rows, cols)``) with per-row, per-group scales and zero points.
+
+    Stored as ``codes`` (packed at ``bits``), ``scale`` (float16, ``(rows, groups)``) and, for asymmetric grids
+    only, ``zero`` (packed like the codes; symmetric grids have the implicit zero point ``2**(bits-1)``)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -107,12 +115,54 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(code - zero) * scale``; ``dtype`` defaults to the scale's (float32 when scales are float16)."""
-        if dtype is None:
-            dtype = self.scale.dtype if self.scale.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = default_dtype(self.scale.dtype, dtype)
         cols = self.codes.shape[1]
         scale = expand_groups(self.scale.to(dtype), cols, self.group_size)
         zero = expand_groups(self.zero.to(dtype), cols, self.group_size)
         return (self.codes.to(dtype) - zero) * scale
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        if self.symmetric and not bool((self.zero == 2 ** (self.bits - 1)).all()):
+            raise ValueError(f"the grid is symmetric but its zero points are not {2 ** (self.bits - 1)}")
+        out = {f"{prefix}codes": pack_codes(self.codes, self.bits), f"{prefix}scale": float16_part("scale", self.scale)}
+        if not self.symmetric:
+            out[f"{prefix}zero"] = pack_codes(self.zero, self.bits)
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "group_size": self.group_size,
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]
+    ) -> QuantizedWeight:
+        return cls(
+            *unpack_grid(tensors, prefix, metadata), metadata["bits"], metadata["symmetric"], metadata["group_size"]
+        )
+
+    def nbytes(self) -> int:
+        """Packed codes, float16 scales and (asymmetric grids) packed zero points."""
+        size = packed_bytes(self.codes.numel(), self.bits) + 2 * self.scale.numel()
+        return size if self.symmetric else size + packed_bytes(self.zero.numel(), self.bits)
+
+
+def unpack_grid(
+    tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero)`` of a stored :class:`QuantizedWeight` (the implicit zero of symmetric grids)."""
+    (rows, cols), bits = metadata["shape"], metadata["bits"]
+    scale = tensors[f"{prefix}scale"]
+    codes = unpack_codes(tensors[f"{prefix}codes"], bits, rows * cols).reshape(rows, cols)
+    if metadata["symmetric"]:
+        zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
+    else:
+        zero = unpack_codes(tensors[f"{prefix}zero"], bits, scale.numel()).reshape(scale.shape)
+    return codes, scale, zero
 
 
 @dataclass(frozen=True)

@@ -24,22 +24,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from trainlab.compress.formats import float16_part, format_of, register_format
 from trainlab.compress.quant.gptq import BLOCK_SIZE, DAMP, gptq
 from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
+from trainlab.compress.registry import Hyperparameter, register_compressor
 from trainlab.runtime import evaluating
 
 FRACTION = 0.01
 VALUE_DTYPES = (torch.float16, None)
 
 
+@register_format("outliers")
 @dataclass(frozen=True)
 class OutlierQuantizedWeight:
     """``base``: the grid-quantized weight (0 at the outliers); ``indices``: int32 flat (row-major) positions of
-    the outliers, increasing; ``values``: their values (float16-representable when stored)."""
+    the outliers, increasing; ``values``: their values (float16-representable when stored). Stored as the base's
+    own tensors plus ``outlier_idx`` (int32) and ``outlier_val`` (float16); the base's kind and metadata are
+    nested in this one's."""
 
     base: QuantizedWeight
     indices: torch.Tensor
@@ -55,6 +61,30 @@ class OutlierQuantizedWeight:
         flat = w.flatten().clone()
         flat[self.indices.long()] = self.values.to(w.dtype)
         return flat.reshape(w.shape)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        if self.indices.dtype != torch.int32 or self.indices.numel() != self.values.numel():
+            raise ValueError("indices must be int32, one per value")
+        return {
+            **self.base.to_tensors(prefix),
+            f"{prefix}outlier_idx": self.indices.detach().contiguous(),
+            f"{prefix}outlier_val": float16_part("values", self.values),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {"base": {"kind": self.base.kind, **self.base.metadata()}}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]
+    ) -> OutlierQuantizedWeight:
+        base_meta = metadata["base"]
+        base = format_of(base_meta["kind"]).from_tensors(tensors, prefix, base_meta)
+        return cls(base, tensors[f"{prefix}outlier_idx"], tensors[f"{prefix}outlier_val"])
+
+    def nbytes(self) -> int:
+        """The base grid's bytes plus 4 (index) + 2 (value) per outlier."""
+        return self.base.nbytes() + 6 * self.indices.numel()
 
 
 def outlier_count(numel: int, fraction: float) -> int:
@@ -164,3 +194,27 @@ def collect_gradients(
     if count == 0:
         raise ValueError("batches must hold at least one calibration batch")
     return {name: s / count for name, s in sums.items()}
+
+
+@register_compressor(
+    "gwq",
+    paper="GWQ: Gradient-Aware Weight Quantization for Large Language Models",
+    summary="top 1% weights by |loss gradient| kept in float16, the rest uniform RTN (GPTQ with second order)",
+    kind="quantizer",
+    level="bits",
+    needs=("calibration", "gradient"),
+    second_order="optional",
+    grouped=True,
+    hyperparameters={"fraction": Hyperparameter(FRACTION, low=0.0, high=1.0)},
+)
+def gwq(
+    weight: torch.Tensor,
+    *,
+    bits: int,
+    gradient: torch.Tensor,
+    group_size: int | None = None,
+    hessian: torch.Tensor | None = None,
+    fraction: float = FRACTION,
+) -> OutlierQuantizedWeight:
+    gradient = gradient.reshape(weight.shape)
+    return quantize_gwq(weight, bits, gradient, fraction=fraction, hessian=hessian, group_size=group_size)

@@ -29,16 +29,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import reduce
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab.compress import allocate as alloc
+from trainlab.compress.batches import output_of
+from trainlab.compress.bits import pack_codes, packed_bytes, unpack_codes
 from trainlab.compress.calibrate import kl_to_dense, model_outputs, staged_kl_fitness
-from trainlab.compress.plan import compressible_layers
+from trainlab.compress.formats import register_format
+from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.quant.gptq import DAMP, GPTQResult, collect_hessians, gptq, quantize_gptq
 from trainlab.compress.quant.grids import MAX_BITS, MIN_BITS, UniformGrid, check_bits, check_group_size, check_weight
+from trainlab.compress.registry import (
+    Allocation,
+    Hyperparameter,
+    check_whole_bits,
+    get_compressor,
+    register_allocator,
+    register_compressor,
+)
 from trainlab.curvature import hutchinson_trace, top_eigenvalues
 from trainlab.runtime import evaluating
 
@@ -322,10 +334,15 @@ class ColumnBitsGrid:
         )
 
 
+@register_format("column-bits")
 @dataclass(frozen=True)
 class ColumnCodes:
     """Codes (uint8 ``(rows, cols)``) of a :class:`ColumnBitsGrid`: ``low``/``high`` per row and group
-    (``(rows, groups)``), ``bits`` per column; column ``j``'s scale and zero point follow from them."""
+    (``(rows, groups)``), ``bits`` per column; column ``j``'s scale and zero point follow from them.
+
+    Stored as ``bits`` (uint8 per column), ``low`` and ``high`` in their own dtype (exact, so the file
+    dequantizes identically) and, per bit-width ``b`` present, ``codes{b}``: the codes of the columns with ``b``
+    bits, packed at ``b`` bits."""
 
     codes: torch.Tensor
     low: torch.Tensor
@@ -333,14 +350,48 @@ class ColumnCodes:
     bits: torch.Tensor
     group_size: int | None
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The grid values, computed in the dtype of ``low``/``high``, then cast to ``dtype`` if given."""
         step = self.group_size or self.codes.shape[1]
         parts = []
         for k, i in enumerate(range(0, self.codes.shape[1], step)):
             maxq = (2 ** self.bits[i : i + step] - 1)[None, :]
             scale, zero, _ = ColumnBitsGrid._scale_zero(self.low[:, k : k + 1], self.high[:, k : k + 1], maxq)
             parts.append((self.codes[:, i : i + step].to(scale.dtype) - zero) * scale)
-        return torch.cat(parts, 1)
+        out = torch.cat(parts, 1)
+        return out if dtype is None else out.to(dtype)
+
+    def _widths(self) -> list[int]:
+        return [int(b) for b in torch.unique(self.bits).tolist()]
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {
+            f"{prefix}bits": self.bits.to(torch.uint8),
+            f"{prefix}low": self.low.detach().contiguous(),
+            f"{prefix}high": self.high.detach().contiguous(),
+        }
+        for b in self._widths():
+            out[f"{prefix}codes{b}"] = pack_codes(self.codes[:, self.bits == b].contiguous(), b)
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {"shape": list(self.codes.shape), "group_size": self.group_size}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]) -> ColumnCodes:
+        rows, cols = metadata["shape"]
+        bits = tensors[f"{prefix}bits"].long()
+        codes = torch.zeros(rows, cols, dtype=torch.uint8)
+        for b in torch.unique(bits).tolist():
+            columns = bits == b
+            packed = tensors[f"{prefix}codes{b}"]
+            codes[:, columns] = unpack_codes(packed, int(b), rows * int(columns.sum())).reshape(rows, -1)
+        return cls(codes, tensors[f"{prefix}low"], tensors[f"{prefix}high"], bits, metadata["group_size"])
+
+    def nbytes(self) -> int:
+        """Each column's codes packed at its own width, one byte of bits per column, and the per-row ranges."""
+        codes = sum(packed_bytes(self.codes.shape[0] * int((self.bits == b).sum()), b) for b in self._widths())
+        return codes + self.bits.numel() + self.low.nbytes + self.high.nbytes
 
     @property
     def payload_bits(self) -> int:
@@ -479,7 +530,7 @@ def kl_loss(model: nn.Module, inputs: Sequence[torch.Tensor]) -> LossOf:
     dense = [d.detach() for d in model_outputs(model, inputs)]
 
     def loss(m: nn.Module) -> torch.Tensor:
-        return sum(kl_to_dense(d, m(x)) for d, x in zip(dense, inputs, strict=True)) / len(inputs)
+        return sum(kl_to_dense(d, output_of(m, x)) for d, x in zip(dense, inputs, strict=True)) / len(inputs)
 
     return loss
 
@@ -522,6 +573,7 @@ def quantize_mixed(
     hessian_batches: int = 1,
     seed: int = 0,
     progress: bool = False,
+    layers: Mapping[str, nn.Module] | None = None,
     **options: object,
 ) -> MixedPrecision:
     """Quantize every compressible layer of ``model`` (not modified; see :meth:`MixedPrecision.apply`) at an
@@ -536,7 +588,7 @@ def quantize_mixed(
     if allocator not in MIXED_ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose one of: {', '.join(MIXED_ALLOCATORS)}")
     _check_avg_bits(avg_bits)
-    layers = compressible_layers(model)
+    layers = compressible_layers(model) if layers is None else dict(layers)
     if not layers:
         raise ValueError("model has no Linear/Conv layers to quantize")
     sizes = {n: m.weight.numel() for n, m in layers.items()}
@@ -564,10 +616,12 @@ def quantize_mixed(
         if avg_bits != int(avg_bits):
             raise ValueError(f"uniform needs whole avg_bits, got {avg_bits}")
         picked = dict.fromkeys(layers, int(avg_bits))
-        db = bit_database(model, [int(avg_bits)], hessians=hessians, symmetric=symmetric, group_size=group_size)
+        db = bit_database(
+            model, [int(avg_bits)], hessians=hessians, symmetric=symmetric, group_size=group_size, layers=layers
+        )
     else:
         _check_calibration(allocator, calibration)
-        db = bit_database(model, choices, hessians=hessians, symmetric=symmetric, group_size=group_size)
+        db = bit_database(model, choices, hessians=hessians, symmetric=symmetric, group_size=group_size, layers=layers)
         pert = {n: {b: float((q - layers[n].weight.detach()).square().sum()) for b, q in db[n].items()} for n in db}
         if allocator == "hawq":
             if options:
@@ -637,3 +691,152 @@ def evaluate_mixed(
     (``model`` is not modified), with the quantization result."""
     result = quantize_mixed(model, allocator, avg_bits, calibration, **kwargs)
     return evaluate(result.apply(copy.deepcopy(model))), result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registered: the BAQ quantizer (per-column bits) and the bit allocators (a model and average bits in, a Plan out)
+
+HAWQ_PAPER = "HAWQ: Hessian AWare Quantization of Neural Networks with Mixed-Precision"
+BAQ_PAPER = "BAQ: Efficient Bit Allocation Quantization for Large Language Models"
+EVOPRESS_PAPER = "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary Search"
+_CHOICES = Hyperparameter(DEFAULT_CHOICES, low=MIN_BITS, high=MAX_BITS, sequence=True)
+
+
+@register_compressor(
+    "baq",
+    paper=BAQ_PAPER,
+    summary="GPTQ on BAQ's asymmetric per-row grid, each input column at its own bit-width (from the baq allocator)",
+    kind="quantizer",
+    level="column_bits",
+    needs=("calibration", "hessian"),
+    second_order="always",
+    grouped=True,
+)
+def baq(
+    weight: torch.Tensor, *, column_bits: int | Sequence[int], hessian: torch.Tensor, group_size: int | None = None
+) -> ColumnCodes:
+    """BAQ's second pass: GPTQ on :class:`ColumnBitsGrid` with ``column_bits`` (one int: every column alike)."""
+    cols = weight.shape[1]
+    bits = torch.full((cols,), column_bits) if isinstance(column_bits, int) else torch.as_tensor(column_bits)
+    if bits.shape != (cols,):
+        raise ValueError(f"column_bits must hold one bit-width per input column ({cols}), got {len(bits)}")
+    grid = ColumnBitsGrid(bits, group_size)
+    result = gptq(weight, hessian, grid)
+    return grid.encode(result.weight, result.params)
+
+
+def _per_layer_quantizer(allocation: Allocation, allocator: str) -> None:
+    spec = get_compressor(allocation.compressor)
+    if spec.kind != "quantizer" or spec.level != "bits":
+        raise ValueError(f"allocator {allocator!r} assigns bit-widths to a quantizer, not {allocation.compressor!r}")
+    if allocator != "uniform" and spec.fixed_width:
+        raise ValueError(
+            f"allocator {allocator!r} assigns per-layer bit-widths; {allocation.compressor!r} has the fixed width "
+            f"{spec.bits[0]}"
+        )
+
+
+def _user_loss(allocation: Allocation, batches: int) -> LossOf | None:
+    """``m -> mean loss(m, batch)`` over the first ``batches`` calibration batches, when the user gave a loss."""
+    if allocation.loss is None:
+        return None
+    picked = list(allocation.calibration)[: max(1, batches)]
+    return lambda m: sum(allocation.loss(m, b) for b in picked) / len(picked)
+
+
+def _mixed_plan(allocation: Allocation, allocator: str, bits: float, **options: Any) -> Plan:
+    _per_layer_quantizer(allocation, allocator)
+    picked = quantize_mixed(
+        allocation.model,
+        allocator,
+        bits,
+        allocation.calibration,
+        second_order=allocation.second_order,
+        group_size=allocation.group_size,
+        progress=allocation.progress,
+        layers=allocation.layers,
+        **options,
+    ).bits
+    return Plan.from_levels(allocation.compressor, picked)
+
+
+@register_allocator("uniform", paper="(baseline)", summary="every layer at the same whole bit-width", budget="bits")
+def uniform_bits(allocation: Allocation, bits: float) -> Plan:
+    _per_layer_quantizer(allocation, "uniform")
+    return Plan.from_levels(allocation.compressor, dict.fromkeys(allocation.layers, check_whole_bits(bits, "bits")))
+
+
+@register_allocator(
+    "hawq",
+    paper=HAWQ_PAPER,
+    summary="per-layer Hessian sensitivity (top eigenvalue or trace) times quantization error, exact knapsack",
+    budget="bits",
+    needs=("calibration",),
+    hyperparameters={
+        "choices": _CHOICES,
+        "sensitivity": Hyperparameter("eigenvalue", choices=SENSITIVITIES),
+        "hessian_batches": Hyperparameter(1, low=1, high=10_000),
+        "seed": Hyperparameter(0, low=0, high=2**63 - 1),
+    },
+)
+def hawq_bits(allocation: Allocation, bits: float, hessian_batches: int = 1, **options: Any) -> Plan:
+    """Sensitivities of the user's loss (or the KL to the dense outputs) on the first ``hessian_batches``."""
+    allocation.require_calibration("hawq")
+    loss_fn = _user_loss(allocation, hessian_batches)
+    return _mixed_plan(allocation, "hawq", bits, loss_fn=loss_fn, hessian_batches=hessian_batches, **options)
+
+
+@register_allocator(
+    "evopress",
+    paper=EVOPRESS_PAPER,
+    summary="evolutionary search over per-layer bit-widths, KL to the dense model on calibration data",
+    budget="bits",
+    needs=("calibration",),
+    hyperparameters={
+        "choices": _CHOICES,
+        "generations": Hyperparameter(50, low=0, high=100_000),
+        "offspring": Hyperparameter(16, low=1, high=10_000),
+        "survivors": Hyperparameter((4, 1), low=1, high=10_000, sequence=True),
+        "max_step": Hyperparameter(1, low=1, high=10_000),
+        "seed": Hyperparameter(0, low=0, high=2**63 - 1),
+    },
+)
+def evopress_bits_plan(allocation: Allocation, bits: float, **options: Any) -> Plan:
+    allocation.require_calibration("evopress")
+    return _mixed_plan(allocation, "evopress", bits, **options)
+
+
+@register_allocator(
+    "baq",
+    paper=BAQ_PAPER,
+    summary="per-input-column bits from GPTQ column losses (closed-form convex law), exact average per layer",
+    budget="bits",
+    needs=("calibration", "hessian"),
+    per_column=True,
+    hyperparameters={
+        "min_bits": Hyperparameter(1, low=1, high=MAX_BITS),
+        "max_bits": Hyperparameter(MAX_BITS, low=1, high=MAX_BITS),
+        "th": Hyperparameter(BAQ_TH, low=1e-6, high=100.0),
+    },
+)
+def baq_plan(allocation: Allocation, bits: float, **options: Any) -> Plan:
+    """BAQ's first pass (GPTQ at the rounded average on the per-column grid) gives each column its loss, the
+    bit law turns the losses into per-column bits averaging ``bits`` in every layer; the plan's ``baq`` rules
+    run the second pass."""
+    allocation.require_calibration("baq")
+    if allocation.compressor != "baq":
+        raise ValueError(f"allocator 'baq' quantizes with its own per-column grid (compressor 'baq'), not "
+                         f"{allocation.compressor!r}")  # fmt: skip
+    convs = [k for k, m in allocation.layers.items() if not isinstance(m, nn.Linear)]
+    if convs:
+        raise ValueError(f"BAQ supports Linear layers only; got conv layers {convs} (exclude them)")
+    min_bits, max_bits = options.get("min_bits", 1), options.get("max_bits", MAX_BITS)
+    th = options.get("th", BAQ_TH)
+    ref = min(max(round(_check_avg_bits(bits, min_bits, max_bits)), min_bits), max_bits)
+    hessians = collect_hessians(allocation.model, allocation.calibration, allocation.layers)
+    levels = {}
+    for name, module in tqdm(allocation.layers.items(), desc="baq", disable=not allocation.progress, leave=False):
+        w = module.weight.detach()
+        first = gptq(w, hessians[name], ColumnBitsGrid(torch.full((w.shape[1],), ref), allocation.group_size))
+        levels[name] = baq_bits(first.column_loss, bits, min_bits, max_bits, th).tolist()
+    return Plan.from_levels("baq", levels)

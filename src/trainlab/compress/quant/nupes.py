@@ -20,12 +20,16 @@ loaded weight dequantizes to exactly the same values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from trainlab.compress.formats import default_dtype, register_format
 from trainlab.compress.quant.gptq import BLOCK_SIZE, DAMP, gptq
-from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
+from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight, unpack_grid
+from trainlab.compress.registry import register_compressor
 
 EXPONENTS = tuple(i / 40 for i in range(10, 61))  # 0.25, 0.275, ..., 1.5 (1.0 exactly)
 
@@ -43,17 +47,29 @@ def power(w: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.sign(w) * w.abs().pow(exponent)
 
 
+@register_format("power")
 @dataclass(frozen=True)
 class PowerQuantizedWeight(QuantizedWeight):
-    """Codes and scales of the transformed weight ``phi_a(W)`` plus the exponent ``a``."""
+    """Codes and scales of the transformed weight ``phi_a(W)`` plus the exponent ``a``; stored like the uniform
+    grid with the exponent in the metadata (a JSON float, exact)."""
 
     exponent: float = 1.0
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``phi_a^-1((code - zero) * scale)``, computed in float64; ``dtype`` defaults as for the uniform grid."""
-        if dtype is None:
-            dtype = self.scale.dtype if self.scale.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = default_dtype(self.scale.dtype, dtype)
         return power(super().dequantize(torch.float64), 1 / self.exponent).to(dtype)
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "exponent": self.exponent}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]
+    ) -> PowerQuantizedWeight:
+        codes, scale, zero = unpack_grid(tensors, prefix, metadata)
+        bits, symmetric, group_size = metadata["bits"], metadata["symmetric"], metadata["group_size"]
+        return cls(codes, scale, zero, bits, symmetric, group_size, metadata["exponent"])
 
 
 @dataclass(frozen=True)
@@ -173,3 +189,18 @@ def quantize_nupes(
         return grid.quantize(weight)
     result = gptq(weight, hessian, grid, damp=damp, block_size=block_size)
     return grid.encode(result.weight, GridParams.cat(result.params))
+
+
+@register_compressor(
+    "nupes",
+    paper="NUPES: Non-Uniform Post-Training Quantization via Power Exponent Search",
+    summary="power-companding grid, exponent searched per layer (by the Hessian-weighted error with second order)",
+    kind="quantizer",
+    level="bits",
+    second_order="optional",
+    grouped=True,
+)
+def nupes(
+    weight: torch.Tensor, *, bits: int, group_size: int | None = None, hessian: torch.Tensor | None = None
+) -> PowerQuantizedWeight:
+    return quantize_nupes(weight, bits, hessian=hessian, second_order=hessian is not None, group_size=group_size)

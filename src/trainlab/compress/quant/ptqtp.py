@@ -12,18 +12,24 @@ No official code was found; this follows the reconstruction in the spec pack (co
   objective, so it never increases; the returned scales solve the normal equations for the returned planes.
 
 Storage is 2 trits per weight (log2(9) = 3.17 bits raw; 3.2 bits packed 5 trits a byte by
-:mod:`.pack`) plus two scales per row/group: compare with 3-bit grids, not 2-bit ones, when claiming
+:mod:`trainlab.compress.bits`) plus two scales per row/group: compare with 3-bit grids, not 2-bit ones, when claiming
 efficiency. Scales are rounded to the nearest float16 at the end (``scale_dtype``), so the in-memory result
 is exactly what is stored; ``scale_dtype=None`` keeps them exact.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from trainlab.compress.bits import TRITS_PER_BYTE, pack_trits, unpack_trits
+from trainlab.compress.formats import default_dtype, float16_part, register_format
 from trainlab.compress.quant.grids import SCALE_DTYPES, check_group_size, check_weight, expand_groups, num_groups
+from trainlab.compress.registry import Hyperparameter, register_compressor
 
 TWN_THRESHOLD = 0.7  # Ternary Weight Networks: threshold 0.7 * mean|w|
 MAX_ITER, TOL, RIDGE = 50, 1e-6, 1e-6  # spec pack's reconstruction (unconfirmed)
@@ -32,11 +38,13 @@ MAX_ITER, TOL, RIDGE = 50, 1e-6, 1e-6  # spec pack's reconstruction (unconfirmed
 _PAIRS = torch.tensor([(0, 0)] + [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)])
 
 
+@register_format("trits")
 @dataclass(frozen=True)
 class TritPlanes:
     """``t1``, ``t2``: int8 ``(rows, cols)`` in {-1, 0, 1}; ``alpha1``, ``alpha2``: ``(rows, groups)``;
     ``objective``: the objective after initialization and after each iteration (before any float16 rounding
-    of the scales)."""
+    of the scales). Stored as ``t1``, ``t2`` (5 trits a byte) and float16 ``alpha1``, ``alpha2``; a loaded
+    object has an empty ``objective``."""
 
     t1: torch.Tensor
     t2: torch.Tensor
@@ -51,12 +59,33 @@ class TritPlanes:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``a1 T1 + a2 T2``; ``dtype`` defaults to the scales' (float32 when scales are float16)."""
-        if dtype is None:
-            dtype = self.alpha1.dtype if self.alpha1.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = default_dtype(self.alpha1.dtype, dtype)
         cols = self.t1.shape[1]
         a1 = expand_groups(self.alpha1.to(dtype), cols, self.group_size)
         a2 = expand_groups(self.alpha2.to(dtype), cols, self.group_size)
         return a1 * self.t1.to(dtype) + a2 * self.t2.to(dtype)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}t1": pack_trits(self.t1),
+            f"{prefix}t2": pack_trits(self.t2),
+            f"{prefix}alpha1": float16_part("alpha1", self.alpha1),
+            f"{prefix}alpha2": float16_part("alpha2", self.alpha2),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {"shape": list(self.t1.shape), "group_size": self.group_size}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]) -> TritPlanes:
+        rows, cols = metadata["shape"]
+        t1, t2 = (unpack_trits(tensors[f"{prefix}{t}"], rows * cols).reshape(rows, cols) for t in ("t1", "t2"))
+        alpha1, alpha2 = tensors[f"{prefix}alpha1"], tensors[f"{prefix}alpha2"]
+        return cls(t1, t2, alpha1, alpha2, metadata["group_size"], [])
+
+    def nbytes(self) -> int:
+        """Two trit-planes at 5 trits a byte and two float16 scales per row/group."""
+        return 2 * math.ceil(self.t1.numel() / TRITS_PER_BYTE) + 2 * (self.alpha1.numel() + self.alpha2.numel())
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,3 +174,18 @@ def quantize_ptqtp(
             raise ValueError(f"a scale exceeds the range of {scale_dtype}; use scale_dtype=None")
         alpha = alpha.to(scale_dtype).to(dtype)
     return TritPlanes(plane(t1), plane(t2), alpha[..., 0], alpha[..., 1], group_size, history)
+
+
+@register_compressor(
+    "ptqtp",
+    paper="PTQTP: Post-Training Quantization to Trit-Planes for Large Language Models",
+    summary="two ternary planes with per-row (or per-group) scales, 3.2 bits/weight packed",
+    kind="quantizer",
+    level="bits",
+    bits=(3,),
+    grouped=True,
+    hyperparameters={"max_iter": Hyperparameter(MAX_ITER, low=1, high=10_000)},
+)
+def ptqtp(weight: torch.Tensor, *, bits: int, group_size: int | None = None, max_iter: int = MAX_ITER) -> TritPlanes:
+    """``bits`` is 3: the packed size of two trit-planes (3.2 bits per weight)."""
+    return quantize_ptqtp(weight, group_size=group_size, max_iter=int(max_iter))

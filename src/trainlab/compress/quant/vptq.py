@@ -35,12 +35,17 @@ rounded to float16 (``codebook_dtype``) before assignment, so the in-memory resu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from trainlab.compress.bits import pack_codes, packed_bytes, unpack_codes
+from trainlab.compress.formats import default_dtype, float16_part, register_format
 from trainlab.compress.quant.gptq import BLOCK_SIZE, DAMP, damped_inverse_cholesky
 from trainlab.compress.quant.grids import check_weight
+from trainlab.compress.registry import register_compressor
 
 VECTOR_LEN = 4
 NUM_CENTROIDS = 256  # 2 bits per weight at v = 4
@@ -55,9 +60,12 @@ def index_bits(num_centroids: int) -> int:
     return max(1, math.ceil(math.log2(num_centroids)))
 
 
+@register_format("vq")
 @dataclass(frozen=True)
 class VQWeight:
-    """``indices``: int64 ``(rows, cols // v)``; ``codebook``: ``(K, v)``; optional residual pair."""
+    """``indices``: int64 ``(rows, cols // v)``; ``codebook``: ``(K, v)``; optional residual pair. Stored as
+    ``codebook`` (float16) and ``indices`` (packed at ``ceil(log2 K)`` bits), and ``res_codebook`` /
+    ``res_indices`` likewise."""
 
     indices: torch.Tensor
     codebook: torch.Tensor
@@ -84,13 +92,46 @@ class VQWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``C[idx] (+ C_res[res_idx])``; ``dtype`` defaults to the codebook's (float32 when it is float16)."""
-        if dtype is None:
-            dtype = self.codebook.dtype if self.codebook.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = default_dtype(self.codebook.dtype, dtype)
         rows, cols = self.shape
         w = self.codebook.to(dtype)[self.indices.long()]
         if self.res_codebook is not None:
             w = w + self.res_codebook.to(dtype)[self.res_indices.long()]
         return w.reshape(rows, cols)
+
+    def _parts(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        parts = [("", self.codebook, self.indices)]
+        if self.res_codebook is not None:
+            parts.append(("res_", self.res_codebook, self.res_indices))
+        return parts
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for part, codebook, indices in self._parts():
+            out[f"{prefix}{part}codebook"] = float16_part(f"{part}codebook", codebook)
+            out[f"{prefix}{part}indices"] = pack_codes(indices, index_bits(codebook.shape[0]))
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "residual": self.res_codebook is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]) -> VQWeight:
+        rows, cols = metadata["shape"]
+
+        def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            codebook = tensors[f"{prefix}{name}codebook"]
+            count = rows * cols // codebook.shape[1]
+            idx = unpack_codes(tensors[f"{prefix}{name}indices"], index_bits(codebook.shape[0]), count)
+            return idx.long().reshape(rows, -1), codebook
+
+        indices, codebook = part("")
+        res_indices, res_codebook = part("res_") if metadata["residual"] else (None, None)
+        return cls(indices, codebook, res_indices, res_codebook)
+
+    def nbytes(self) -> int:
+        """Packed indices and float16 codebooks."""
+        return sum(packed_bytes(i.numel(), index_bits(c.shape[0])) + 2 * c.numel() for _, c, i in self._parts())
 
 
 def _check_int(value: int, name: str, low: int, high: int | None = None) -> int:
@@ -342,3 +383,20 @@ def quantize_vptq(
         c2 = fit(errors.reshape(n, v), num_res_centroids, wt, seed + 1)
     i1, i2, _ = _vq_pass(w, u, hd, v, block, c1, c2)
     return VQWeight(i1, c1, i2, c2)
+
+
+@register_compressor(
+    "vptq",
+    paper="VPTQ: Extreme Low-bit Vector Post-Training Quantization for Large Language Models",
+    summary="k-means codebook over 4-weight vectors (+ residual codebook above 2 bits), Hessian-weighted, "
+    "GPTQ-style block compensation",
+    kind="quantizer",
+    level="bits",
+    needs=("calibration", "hessian"),
+    second_order="always",
+    bits=(2, 3, 4),
+)
+def vptq(weight: torch.Tensor, *, bits: int, hessian: torch.Tensor) -> VQWeight:
+    """``bits`` index bits per weight (one codebook per layer: no groups)."""
+    k, k_res = settings_for_bits(bits)
+    return quantize_vptq(weight, hessian, num_centroids=k, num_res_centroids=k_res)
