@@ -207,17 +207,17 @@ def test_s2ft_touches_only_the_selected_rows_or_columns(side: str) -> None:
 def test_sara_trains_the_smallest_weights_under_a_nuclear_penalty_and_freezes_grown_ones() -> None:
     net = linear(16, 12)
     base = net[0]
-    adapted_net = adapters.attach(net, "sara", targets=[nn.Linear], threshold=0.05)
+    adapted_net = adapters.attach(net, "sara", targets=[nn.Linear], threshold=0.15)
     model = adapted_net[0]
-    small = (base.weight.abs() < 0.05).flatten().nonzero().flatten()
+    small = (base.weight.abs() < 0.15).flatten().nonzero().flatten()
     assert torch.equal(model.index, small)
     cb = adapters.training_callback(adapted_net, progressive_iter=1, min_dim=0, lambda_rank=0.5)
     with torch.no_grad():
         model.sara_values.copy_(torch.linspace(-0.1, 0.1, len(small), dtype=D))
     masked = torch.zeros(16 * 12, dtype=D)
     masked[small] = base.weight.flatten()[small] + model.sara_values
-    if len(small) > 100:
-        torch.testing.assert_close(cb.regularizer(), 0.5 * torch.linalg.matrix_norm(masked.view(12, 16), "nuc"))
+    assert len(small) > 100  # the official code regularizes only layers with over 100 trainable entries
+    torch.testing.assert_close(cb.regularizer(), 0.5 * torch.linalg.matrix_norm(masked.view(12, 16), "nuc"))
     torch.testing.assert_close(model.masked_weight(), masked.view(12, 16))
     opt = torch.optim.SGD([model.sara_values], lr=0.5)
     g = torch.Generator().manual_seed(0)
@@ -229,7 +229,7 @@ def test_sara_trains_the_smallest_weights_under_a_nuclear_penalty_and_freezes_gr
         opt.step()
         cb.step(step)
         history.append(model.sara_values.detach().clone())
-    grown = (base.weight.flatten()[small] + history[0]).abs() >= 0.05  # decided at progressive_iter = 1
+    grown = (base.weight.flatten()[small] + history[0]).abs() >= 0.15  # decided at progressive_iter = 1
     assert grown.any() and (~grown).any()
     assert torch.equal(history[2][grown], history[0][grown])  # frozen from then on
     assert not torch.equal(history[2][~grown], history[0][~grown])  # the rest keeps training

@@ -26,6 +26,7 @@ from trainlab.adapters.attach import (
 )
 from trainlab.adapters.io import load_adapter, save_adapter
 from trainlab.adapters.layer import AdapterLayer
+from trainlab.adapters.peft_export import export_peft, peft_factors
 from trainlab.adapters.registry import AdapterSpec, Field, adapter_names, get_spec, register_adapter
 
 __all__ = [
@@ -39,11 +40,13 @@ __all__ = [
     "attach",
     "attach_",
     "count_trainable",
+    "export_peft",
     "find_targets",
     "get_spec",
     "load_adapter",
     "merge",
     "merged_copy",
+    "peft_factors",
     "prepare",
     "register_adapter",
     "save_adapter",
