@@ -20,11 +20,11 @@ from trainlab.lab.workloads.pylm import (
     pylm_corpus,
     stdlib_sources,
 )
-from trainlab.lab.workloads.sbm import GCN, gcn_loss, sbm_graph
+from trainlab.lab.workloads.sbm import GCN, SBM, SBM_HARD, gcn_loss, sbm_graph, sbm_hard_graph
 from trainlab.lab.workloads.supervised import accuracy
 
-BUILT_IN = ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "modadd", "pylm", "sbm-gnn"]
-DATA_CACHES = [digits_data, mnist1d_data, modadd_data, pylm_corpus, sbm_graph]
+BUILT_IN = ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "modadd", "pylm", "sbm-gnn", "sbm-hard"]
+DATA_CACHES = [digits_data, mnist1d_data, modadd_data, pylm_corpus, sbm_graph, sbm_hard_graph]
 
 
 def _tensors(obj):
@@ -156,9 +156,10 @@ def test_byte_transformer_is_causal_and_names_its_layers():
         model(torch.zeros(1, 257, dtype=torch.long))
 
 
-def test_gcn_beats_the_same_network_without_edges():
+@pytest.mark.parametrize(("make_graph", "spec"), [(sbm_graph, SBM), (sbm_hard_graph, SBM_HARD)])
+def test_gcn_beats_the_same_network_without_edges(make_graph, spec):
     """The graph carries the signal: with the identity as adjacency the GCN is a feature-only MLP."""
-    graph = sbm_graph()
+    graph = make_graph()
     n = len(graph.labels)
     assert torch.equal(graph.adjacency.to_dense(), graph.adjacency.to_dense().T)
     identity = torch.sparse_coo_tensor(torch.arange(n).expand(2, n), torch.ones(n), (n, n), check_invariants=True)
@@ -166,7 +167,7 @@ def test_gcn_beats_the_same_network_without_edges():
     for kind, adjacency in [("gcn", graph.adjacency), ("mlp", identity)]:
         g = dataclasses.replace(graph, adjacency=adjacency)
         torch.manual_seed(0)
-        model = GCN()
+        model = GCN(spec.features, 64, spec.classes)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         scores = []
         for _ in range(60):
