@@ -1,40 +1,67 @@
 """`ChainOptimizer`: the `torch.optim.Optimizer` that runs gradient-transform chains.
 
 It owns param groups, tensor-only state, hooks and `state_dict`, so LR schedulers, `GradScaler`,
-checkpointing (``torch.load(weights_only=True)``) and the Hugging Face Trainer work unchanged. Each param
-group names the chain that updates it (group key ``"chain"``); `partition` builds such groups from a
-declared routing rule.
+checkpointing (``torch.load(weights_only=True)``), `copy.deepcopy`, pickling and the Hugging Face Trainer
+work unchanged. Each param group names the chain that updates it (group key ``"chain"``).
 """
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform
+from trainlab.optim.checks import LR, Check
+from trainlab.optim.routing import Rule
+from trainlab.optim.transform import GradientTransform, is_step_counter
 
-# Keys every group has, whatever its chain reads.
-_SHELL_KEYS = {"lr", "chain"}
+# Group keys that are not hyperparameters: what torch.optim and LR schedulers put in a group.
+_SHELL_KEYS = frozenset({"params", "param_names", "chain", "initial_lr"})
+
+# A user key feeding a chain's group key, optionally through a conversion (e.g. FRUGAL's density -> rank).
+Rename = str | tuple[str, Callable[[Any], Any]]
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (..., 2), as torch.optim steps complex parameters."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class ChainOptimizer(torch.optim.Optimizer):
     """Run ``chains[group["chain"]]`` on every param group, then apply ``param -= lr * direction``.
 
     Transforms produce a direction; the learning rate is applied here, once, so it stays a plain
-    param-group value that any LR scheduler can drive (a tensor lr works too).
+    param-group value that any LR scheduler can drive (a one-element tensor lr works too).
 
     ``chains`` is one transform (used for all groups) or a mapping from chain name to transform.
-    Keyword arguments are the default hyperparameters of the groups; keys that no chain reads raise a
-    ValueError, so a typo never passes silently.
+    Keyword arguments are the default hyperparameters of the groups. Every group, given here or later to
+    ``add_param_group``, goes through the same path:
+
+    - its keys are checked: unknown keys raise a ValueError listing the allowed ones, and each value must
+      lie in its declared range (``ranges``, from the recipe's signature; ``lr`` always);
+    - ``rule(name, param) -> chain`` splits it into one group per chain (a group that names ``"chain"``
+      itself is not split); without a rule every group gets the first chain;
+    - each chain's group gets the keys its transforms read. ``renames[chain]`` maps a user-facing key to
+      the chain's key, so Muon's ``adamw_lr`` becomes the AdamW chain's ``lr`` while ``lr`` drives only
+      the Muon chain.
+
+    Complex parameters are stepped as their real views (``torch.view_as_real``), which is what
+    torch.optim does; a recipe for which that is meaningless passes ``refuse_complex`` (the reason).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         chains: GradientTransform | Mapping[str, GradientTransform],
+        *,
+        rule: Rule | None = None,
+        renames: Mapping[str, Mapping[str, Rename]] | None = None,
+        ranges: Mapping[str, Check] | None = None,
+        refuse_complex: str | None = None,
         **defaults: Any,
     ) -> None:
         if isinstance(chains, GradientTransform):
@@ -45,32 +72,130 @@ class ChainOptimizer(torch.optim.Optimizer):
             if not isinstance(t, GradientTransform):
                 raise TypeError(f"chain {name!r} is a {type(t).__name__}, not a GradientTransform")
         self.chains = dict(chains)
-        known: dict[str, Any] = {}
-        for t in self.chains.values():
-            for key, default in t.all_hyperparameters().items():
-                known.setdefault(key, default)
-        unknown = set(defaults) - set(known) - _SHELL_KEYS
+        self.rule = rule
+        self.refuse_complex = refuse_complex
+        self.ranges = {"lr": LR, **(ranges or {})}
+        self._feeds, known = self._user_keys(renames or {})
+        unknown = set(defaults) - set(known)
         if unknown:
-            raise ValueError(
-                f"unknown hyperparameter(s) {sorted(unknown)}; this optimizer accepts {sorted(known | {'lr': 0})}"
-            )
+            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; this optimizer accepts {sorted(known)}")
         defaults = {**known, **defaults}
-        defaults.setdefault("chain", next(iter(self.chains)))
-        if "lr" not in defaults:
+        if defaults.get("lr") is None:
             raise ValueError("lr is required")
+        self._check(defaults)
+        # Group keys a user may set: those feeding a chain, and with a recipe only the ones it declares.
+        self._allowed = set(known) & set(self.ranges) if ranges else set(known)
         super().__init__(params, defaults)
-        self._saved_state: dict[int, dict[str, Tensor]] = {}
-        self.register_load_state_dict_pre_hook(_remember_saved_state)
-        self.register_load_state_dict_post_hook(_restore_counters_and_dtypes)
+
+    def _user_keys(
+        self, renames: Mapping[str, Mapping[str, Rename]]
+    ) -> tuple[dict[str, dict[str, tuple[str, Callable[[Any], Any] | None]]], dict[str, Any]]:
+        """For each chain, the user keys that feed its group keys; and every user key with its default."""
+        if set(renames) - set(self.chains):
+            raise ValueError(f"renames name unknown chains {sorted(set(renames) - set(self.chains))}")
+        feeds: dict[str, dict[str, tuple[str, Callable[[Any], Any] | None]]] = {}
+        known: dict[str, Any] = {}
+        for name, transform in self.chains.items():
+            keys = {"lr": None, **transform.all_hyperparameters()}
+            feed = {u: (r, None) if isinstance(r, str) else r for u, r in renames.get(name, {}).items()}
+            for user, (key, _) in feed.items():
+                if key not in keys:
+                    raise ValueError(f"rename {user!r} -> {key!r}: chain {name!r} reads no {key!r}")
+                known.setdefault(user, keys[key])
+            targets = {key for key, _ in feed.values()}
+            for key, default in keys.items():
+                if key not in targets:
+                    feed[key] = (key, None)
+                    known.setdefault(key, default)
+            feeds[name] = feed
+        return feeds, known
+
+    def _check(self, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            if key in self.ranges:
+                self.ranges[key](key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        chain = param_group.get("chain", self.defaults.get("chain"))
-        if chain not in self.chains:
+        """Check, route and add ``param_group`` (one group per chain its parameters go to)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        unknown = set(param_group) - self._allowed - _SHELL_KEYS
+        if unknown:
+            raise ValueError(f"param group has unknown key(s) {sorted(unknown)}; allowed: {sorted(self._allowed)}")
+        self._check({k: v for k, v in param_group.items() if k not in _SHELL_KEYS})
+        by_chain = self._route(param_group)
+        values = {**self.defaults, **param_group}
+        for name, items in by_chain.items():
+            group = {
+                key: values[user] if convert is None else convert(values[user])
+                for user, (key, convert) in self._feeds[name].items()
+            }
+            if "initial_lr" in param_group:
+                group["initial_lr"] = param_group["initial_lr"]
+            group["chain"] = name
+            group["params"] = [p for _, p in items]
+            if items[0][0] is not None:
+                group["param_names"] = [n for n, _ in items]
+            self._append(group)
+
+    def _route(self, param_group: dict[str, Any]) -> dict[str, list[tuple[str | None, Tensor]]]:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs; use a list instead"
+            )
+        names = param_group.get("param_names")
+        items = [(None, p) if not isinstance(p, tuple) else p for p in params]
+        if names is not None:
+            items = [(n, p) for n, (_, p) in zip(names, items, strict=True)]
+        if not items:
+            raise ValueError("optimizer got an empty parameter list")
+        if len({n is None for n, _ in items}) != 1:
+            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+        for _, p in items:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError("can't optimize a non-leaf Tensor")
+            if p.is_complex() and self.refuse_complex:
+                raise ValueError(
+                    f"complex parameters are not supported: {self.refuse_complex}. Optimize "
+                    f"torch.view_as_real(param) as a real parameter instead (got shape {tuple(p.shape)}, {p.dtype})"
+                )
+        chain = param_group.get("chain")
+        if chain is not None and chain not in self.chains:
             raise ValueError(f"param group names chain {chain!r}; this optimizer has {sorted(self.chains)}")
-        lr = param_group.get("lr", self.defaults.get("lr"))
-        if not isinstance(lr, Tensor) and not (isinstance(lr, int | float) and lr >= 0):
-            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
-        super().add_param_group(param_group)
+        by_chain: dict[str, list[tuple[str | None, Tensor]]] = {}
+        for name, p in items:
+            if chain is not None:
+                target = chain
+            elif self.rule is not None:
+                target = self.rule(name, _real(p))
+            else:
+                target = next(iter(self.chains))
+            by_chain.setdefault(target, []).append((name, p))
+        return by_chain
+
+    def _append(self, group: dict[str, Any]) -> None:
+        """torch.optim's bookkeeping for a new group: no parameter in two groups, names all or none."""
+        params = group["params"]
+        if len(params) != len(set(params)):
+            warnings.warn(
+                "optimizer contains a parameter group with duplicate parameters; in future, this will cause an "
+                "error; see github.com/pytorch/pytorch/issues/40967 for more information",
+                stacklevel=3,
+            )
+        seen: set[Tensor] = set()
+        for other in self.param_groups:
+            seen.update(other["params"])
+            if ("param_names" in other) != ("param_names" in group):
+                raise ValueError("all optimizer param groups should be with/without names")
+        if not seen.isdisjoint(params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -78,8 +203,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply_chains()
+        return loss
+
+    @torch.no_grad()
+    def _apply_chains(self, skip: frozenset[int] = frozenset()) -> None:
+        """One update of every parameter with a gradient (except ``id(p)`` in ``skip``). Not wrapped in the
+        step hooks, so a subclass's ``step`` calls this, not ``super().step()``, and hooks fire once."""
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and id(p) not in skip]
             if not params:
                 continue
             for p in params:
@@ -91,27 +223,72 @@ class ChainOptimizer(torch.optim.Optimizer):
             chain = self.chains[group["chain"]]
             for p in params:
                 if not self.state[p]:
-                    self.state[p].update(chain.init(p, group))
+                    self.state[p].update(chain.init(_real(p), group))
             if chain.per_parameter and params[0].device.type == "cpu":
                 for bucket in _cache_sized(params):
                     self._step_chain(chain, bucket, group)
             else:
                 self._step_chain(chain, params, group)
-        return loss
 
     def _step_chain(self, chain: GradientTransform, params: list[Tensor], group: dict[str, Any]) -> None:
         per_param = [self.state[p] for p in params]
         keys = per_param[0].keys()
         state = {k: [st[k] for st in per_param] for k in keys}
-        updates, state = chain.update([p.grad for p in params], state, params, group)
+        views = [_real(p) for p in params]
+        updates, state = chain.update([_real(p.grad) for p in params], state, views, group)
         for k, tensors in state.items():
             for st, t in zip(per_param, tensors, strict=True):
                 st[k] = t
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+            torch._foreach_add_(views, torch._foreach_mul(updates, -lr))
         else:
-            torch._foreach_add_(params, updates, alpha=-lr)
+            torch._foreach_add_(views, updates, alpha=-lr)
+
+    # torch.optim pickles only defaults, state and param_groups (hooks may be unpicklable closures); a chain
+    # optimizer also needs its chains, routing and declared ranges, so `copy.deepcopy` and pickle keep every
+    # attribute but the hooks.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's `load_state_dict`, with state cast by `restored_state` (torch casts every tensor but a
+        key named exactly ``step`` to the parameter's dtype, integer indices and seeds included)."""
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        ours = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(saved_ids, ours, strict=False))
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        chain_of = {id(p): self.chains[g["chain"]] for g in self.param_groups for p in g["params"]}
+        for index, values in saved.items():
+            param = by_id.get(index)
+            if param is None:  # not a parameter: torch copied it as it is
+                continue
+            wide = chain_of[id(param)].wide_state
+            self.state[param] = {key: restored_state(key, value, param, key in wide) for key, value in values.items()}
+
+
+def restored_state(key: str, value: Any, param: Tensor, wide: bool = False) -> Any:
+    """A loaded state value for ``param``, by one rule:
+
+    - step counters (keys named ``step``) stay as saved, on the host, as torch.optim keeps them (a plain
+      number becomes a float32 CPU tensor);
+    - floating state gets the parameter's (real) dtype, at least float32 for ``wide`` state, and device;
+    - 0-dim integer and bool state (flags, counters, seeds) stays on the host in its own dtype, so reading it
+      is never a device sync; other integer state (indices) moves to the parameter's device, dtype kept.
+    """
+    if is_step_counter(key):
+        return value.clone() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float32)
+    if not isinstance(value, Tensor):
+        return value
+    if value.is_floating_point():
+        dtype = _real(param).dtype
+        if wide:
+            dtype = torch.promote_types(dtype, torch.float32)
+        return value.to(dtype=dtype, device=param.device, copy=True)
+    if value.ndim == 0:
+        return value.clone()
+    return value.to(device=param.device, copy=True)
 
 
 # On the CPU a foreach op sweeps its whole list before the next op starts, so with many megabytes of
@@ -141,27 +318,3 @@ def _cache_sized(params: list[Tensor]) -> list[list[Tensor]]:
     if small:
         buckets.append(small)
     return buckets
-
-
-# torch's load_state_dict casts every state tensor to its parameter's dtype and device, except a key named
-# exactly "step". Our keys are prefixed ("scale_by_adam.step"), and some state deliberately differs from the
-# parameter (float32 counters and low-rank moments of bf16 weights, CPU flags that must not become device
-# syncs), so these hooks put such tensors back as they were saved.
-
-
-def _remember_saved_state(optimizer: ChainOptimizer, state_dict: dict[str, Any]) -> None:
-    optimizer._saved_state = {i: dict(st) for i, st in state_dict["state"].items()}
-
-
-def _restore_counters_and_dtypes(optimizer: ChainOptimizer) -> None:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, saved in optimizer._saved_state.items():
-        state = optimizer.state[params[index]]
-        for key, value in saved.items():
-            if not isinstance(value, Tensor):
-                continue
-            if value.dim() == 0:  # counters and flags stay on the CPU in their own dtype
-                state[key] = value.detach().to("cpu", copy=True)
-            elif value.dtype != state[key].dtype:
-                state[key] = value.detach().to(params[index].device, copy=True)
-    optimizer._saved_state = {}

@@ -3,12 +3,16 @@
 A rule is a function ``(name, param) -> chain name``. Names come from ``model.named_parameters()``;
 when plain tensors are given, the name is None and a rule can only look at the tensor (e.g. its
 dimensionality). Routing is always stated, never a hidden size cut-off.
+
+`ChainOptimizer(..., rule=...)` applies a rule to every param group it is given, in the constructor and in
+``add_param_group`` alike; `partition` does the same split for hand-built groups.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -34,9 +38,8 @@ def partition(params: Iterable[Any], rule: Rule, options: dict[str, dict[str, An
     options = options or {}
     out: list[dict[str, Any]] = []
     for group in _as_groups(params):
-        members = list(group.pop("params"))
-        if isinstance(members, Tensor):
-            members = [members]
+        members = group.pop("params")
+        members = [members] if isinstance(members, Tensor) else list(members)
         by_chain: dict[str, list[Any]] = {}
         for item in members:
             name, p = item if isinstance(item, tuple) else (None, item)
@@ -46,13 +49,22 @@ def partition(params: Iterable[Any], rule: Rule, options: dict[str, dict[str, An
     return out
 
 
+@dataclass(frozen=True)
+class MatricesTo:
+    """Route parameters with 2+ dimensions to ``matrix_chain`` unless their name matches ``exclude``; the
+    rest to ``other_chain``. A class, not a closure, so optimizers that hold it deepcopy and pickle."""
+
+    matrix_chain: str
+    other_chain: str
+    exclude: str | None = None
+
+    def __call__(self, name: str | None, p: Tensor) -> str:
+        excluded = self.exclude is not None and name is not None and re.search(self.exclude, name)
+        return self.matrix_chain if p.ndim >= 2 and not excluded else self.other_chain
+
+
 def matrices_to(matrix_chain: str, other_chain: str, exclude: str | None = None) -> Rule:
     """Route parameters with 2+ dimensions to ``matrix_chain`` unless their name matches ``exclude``."""
-    pattern = re.compile(exclude) if exclude else None
-
-    def rule(name: str | None, p: Tensor) -> str:
-        if p.ndim >= 2 and not (pattern and name is not None and pattern.search(name)):
-            return matrix_chain
-        return other_chain
-
-    return rule
+    if exclude is not None:
+        re.compile(exclude)  # a bad pattern fails here, not at the first parameter
+    return MatricesTo(matrix_chain, other_chain, exclude)

@@ -21,6 +21,9 @@ Contract of a transform:
   (no cross-parameter reduction). A chain of such transforms is run by `ChainOptimizer` on cache-sized
   slices of the parameter list on the CPU (same arithmetic, far less memory traffic). Subclasses that
   couple parameters must set it back to False.
+- ``wide_state``: floating state keys kept in at least float32 whatever the parameter's dtype (e.g. sums
+  of products of bfloat16 gradients); every other floating state tensor has the parameter's dtype.
+  `ChainOptimizer.load_state_dict` casts by the same rule.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class GradientTransform:
     name: ClassVar[str] = "transform"
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
     per_parameter: ClassVar[bool] = False
+    wide_state: ClassVar[frozenset[str]] = frozenset()
 
     def all_hyperparameters(self) -> dict[str, Any]:
         """The param-group keys this transform (and any transform inside it) reads, with defaults."""
@@ -74,6 +78,9 @@ class Chain(GradientTransform):
         # Readable state keys ("scale_by_adam.exp_avg"); the position disambiguates repeated transforms.
         self.prefixes = [f"{n}." if names.count(n) == 1 else f"{i}.{n}." for i, n in enumerate(names)]
         self.per_parameter = all(t.per_parameter for t in transforms)  # type: ignore[misc]
+        self.wide_state = frozenset(  # type: ignore[misc]
+            p + k for p, t in zip(self.prefixes, transforms, strict=True) for k in t.wide_state
+        )
 
     def all_hyperparameters(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
@@ -120,4 +127,10 @@ def step_counts(state: State, key: str = "step") -> list[float]:
 
 
 def new_step_counter() -> Tensor:
+    """A step counter: a float32 scalar on the CPU, stored under a key named ``step``."""
     return torch.zeros((), dtype=torch.float32)
+
+
+def is_step_counter(key: str) -> bool:
+    """Whether a (prefixed) state key names a step counter, which stays on the host as torch.optim's do."""
+    return key.rsplit(".", 1)[-1] == "step"

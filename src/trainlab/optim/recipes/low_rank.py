@@ -4,18 +4,19 @@ Routing is declared, as for Muon: ``matrices_to(<method>, "adamw", exclude=...)`
 with 2+ dimensions to the method unless its name matches ``exclude`` (embeddings, output heads and
 norms by default); everything else, and every 1-D parameter, gets AdamW with the *same* lr, betas, eps
 and weight decay, as in each official optimizer (one optimizer, a group without ``rank``). ``rank`` is an
-int (capped at min(m, n)) or a float in (0, 1], the fraction of min(m, n) of each matrix.
+int (capped at min(m, n)) or a float in (0, 1], the fraction of min(m, n) of each matrix. Groups added
+later with ``add_param_group`` are routed by the same rule.
 """
 
-from __future__ import annotations
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from typing import Any
-
-from trainlab.optim import checks
-from trainlab.optim.optimizer import ChainOptimizer
-from trainlab.optim.recipes.orthogonal import EMBEDDINGS_AND_HEADS
-from trainlab.optim.registry import register_optimizer
-from trainlab.optim.routing import matrices_to, partition
+from trainlab.optim.checks import BETAS, FLAG, LR, NON_NEGATIVE, POSITIVE, REGEX_OR_NONE, Check, Interval, OneOf
+from trainlab.optim.checks import integer_at_least as at_least_int
+from trainlab.optim.optimizer import ChainOptimizer, Rename
+from trainlab.optim.recipes.orthogonal import EMBEDDINGS_AND_HEADS, MATRIX_METHODS_ARE_REAL
+from trainlab.optim.registry import checked, ranges_of, register_optimizer
+from trainlab.optim.routing import matrices_to
 from trainlab.optim.transform import GradientTransform, chain
 from trainlab.optim.transforms import decoupled_weight_decay, scale_by_adam
 from trainlab.optim.transforms.cosmos import scale_by_cosmos
@@ -38,38 +39,45 @@ LOW_RANK_EXCLUDE = f"{EMBEDDINGS_AND_HEADS}|{NORMS}"
 PROJECTIONS = ("svd", "random", "blocks")
 
 
-def _check_rank(rank: Any) -> None:
-    ok_int = isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1
-    ok_frac = isinstance(rank, float) and 0 < rank <= 1
-    if not (ok_int or ok_frac):
-        raise ValueError(f"rank must be an int >= 1 or a float in (0, 1] (fraction of min(m, n)), got {rank!r}")
+class Rank(Check):
+    """An int >= 1 (capped at min(m, n)) or a float in (0, 1], the fraction of min(m, n)."""
+
+    allowed = "an int >= 1 or a float in (0, 1] (fraction of min(m, n))"
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        return (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value <= 1)
+
+    def __repr__(self) -> str:
+        return "int >= 1 or fraction in (0, 1]"
 
 
-def _check_common(hp: dict[str, Any]) -> None:
-    checks.betas("betas", hp["betas"])
-    checks.in_range("eps", hp["eps"], 0.0, float("inf"))
-    checks.in_range("weight_decay", hp["weight_decay"], 0.0, float("inf"))
-    checks.regex_or_none("exclude", hp["exclude"])
+RANK = Rank()
 
 
 def _routed(
-    params: Any, method: str, matrices: GradientTransform, others: GradientTransform, hp: dict[str, Any]
+    params: Any,
+    method: str,
+    matrices: GradientTransform,
+    others: GradientTransform,
+    hp: dict[str, Any],
+    ranges: Mapping[str, Check],
+    renames: Mapping[str, Rename] | None = None,
 ) -> ChainOptimizer:
     """``matrices`` on the routed matrices, decoupled-decay ``others`` (Adam) on the rest; shared hp.
 
-    Integer state (coordinate indices, seeds) survives `load_state_dict`: `ChainOptimizer` restores state
-    tensors whose dtype differs from their parameter's as they were saved."""
-    _check_common(hp)
-    hp = dict(hp)
-    groups = partition(params, matrices_to(method, "adamw", exclude=hp.pop("exclude")))
-    chains = {method: matrices, "adamw": chain(decoupled_weight_decay(), others)}
-    return ChainOptimizer(groups, chains, **hp)
-
-
-def _check_projected(hp: dict[str, Any]) -> None:
-    _check_rank(hp["rank"])
-    checks.positive_int("update_proj_gap", hp["update_proj_gap"])
-    checks.in_range("scale", hp["scale"], 0.0, float("inf"))
+    Integer state (coordinate indices, seeds) survives `load_state_dict`: `ChainOptimizer` restores
+    non-floating state in its own dtype."""
+    return ChainOptimizer(
+        params,
+        {method: matrices, "adamw": chain(decoupled_weight_decay(), others)},
+        rule=matrices_to(method, "adamw", exclude=hp.pop("exclude")),
+        renames={method: renames} if renames else None,
+        ranges=ranges,
+        refuse_complex=MATRIX_METHODS_ARE_REAL,
+        **hp,
+    )
 
 
 def _galore_chain(projection: str) -> GradientTransform:
@@ -79,29 +87,43 @@ def _galore_chain(projection: str) -> GradientTransform:
 # GaLore's pretraining defaults (60M: rank 128), eps 1e-6 and galore_torch.AdamW's transformers-style
 # eps placement (on the uncorrected sqrt(v)), also used for the AdamW-routed tensors. Moments are kept
 # when the projector is refreshed (reset_statistics=False), as in the official code.
-GALORE_DEFAULTS = {
-    "lr": 0.01,
-    "rank": 128,
-    "scale": 0.25,
-    "update_proj_gap": 200,
-    "betas": (0.9, 0.999),
-    "eps": 1e-6,
-    "weight_decay": 0.0,
-    "reset_statistics": False,
-    "exclude": LOW_RANK_EXCLUDE,
-}
-
-
 @register_optimizer(
     "galore",
     paper=GALORE_PAPER,
     summary="Adam moments in a rank-r SVD subspace of each matrix's gradient, refreshed every T steps",
-    defaults=GALORE_DEFAULTS,
 )
-def galore(params: Any, **hp: Any) -> ChainOptimizer:
-    _check_projected(hp)
+def galore(
+    params: Any,
+    *,
+    lr: Annotated[float, LR] = 0.01,
+    rank: Annotated[int | float, RANK] = 128,
+    scale: Annotated[float, NON_NEGATIVE] = 0.25,
+    update_proj_gap: Annotated[int, at_least_int(1)] = 200,
+    betas: Annotated[tuple[float, float], BETAS] = (0.9, 0.999),
+    eps: Annotated[float, NON_NEGATIVE] = 1e-6,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
+    reset_statistics: Annotated[bool, FLAG] = False,
+    exclude: Annotated[str | None, REGEX_OR_NONE] = LOW_RANK_EXCLUDE,
+) -> ChainOptimizer:
+    """GaLore: Adam on ``R = Pᵀ G`` (P: top-``rank`` singular vectors of G, refreshed every
+    ``update_proj_gap`` steps), stepped as ``scale · P·update``; AdamW on the other parameters.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs (for ``exclude``) or param groups (any key below
+            but ``exclude`` per group; each group is routed by the same rule).
+        lr: learning rate (all parameters).
+        rank: subspace rank: an int, or a float fraction of min(m, n).
+        scale: multiplies the projected update (GaLore's α).
+        update_proj_gap: steps between projector refreshes (T).
+        betas: Adam's moment decay rates.
+        eps: added to the uncorrected √v (galore_torch's placement).
+        weight_decay: decoupled weight decay.
+        reset_statistics: zero the moments at each refresh (the official code keeps them).
+        exclude: regular expression of 2-D parameter names left to AdamW (embeddings, heads, norms).
+    """
+    hp = checked(galore, locals())
     matrices = chain(decoupled_weight_decay(), _galore_chain("svd"))
-    return _routed(params, "galore", matrices, scale_by_adam_raw_eps(), hp)
+    return _routed(params, "galore", matrices, scale_by_adam_raw_eps(), hp, ranges_of(galore))
 
 
 # FRUGAL's defaults (density 0.25, update_gap 200, reset, signSGD residual at lr scale 1, lr 1e-3). The
@@ -110,33 +132,43 @@ def galore(params: Any, **hp: Any) -> ChainOptimizer:
     "frugal",
     paper=FRUGAL_PAPER,
     summary="AdamW on a density-rho subspace of each matrix, state-free signSGD on the residual",
-    defaults={
-        "lr": 1e-3,
-        "density": 0.25,
-        "projection": "svd",
-        "update_gap": 200,
-        "reset_statistics": True,
-        "inactive_update_rule": "sign_sgd",
-        "inactive_lr_scale": 1.0,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "exclude": LOW_RANK_EXCLUDE,
-    },
 )
-def frugal(params: Any, **hp: Any) -> ChainOptimizer:
-    density, projection = hp.pop("density"), hp.pop("projection")
-    if isinstance(density, bool) or not (isinstance(density, int | float) and 0 <= density <= 1):
-        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    if hp["inactive_update_rule"] not in INACTIVE_RULES:
-        raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {hp['inactive_update_rule']!r}")
-    checks.positive_int("update_gap", hp["update_gap"])
-    checks.in_range("inactive_lr_scale", hp["inactive_lr_scale"], 0.0, float("inf"))
-    hp["rank"], hp["update_proj_gap"] = float(density), hp.pop("update_gap")
-    matrices = chain(decoupled_weight_decay(), project_subspace(projection, scale_by_adam()))
-    return _routed(params, "frugal", matrices, scale_by_adam(), hp)
+def frugal(
+    params: Any,
+    *,
+    lr: Annotated[float, LR] = 1e-3,
+    density: Annotated[float, Interval(0.0, 1.0)] = 0.25,
+    projection: Annotated[str, OneOf(PROJECTIONS)] = "svd",
+    update_gap: Annotated[int, at_least_int(1)] = 200,
+    reset_statistics: Annotated[bool, FLAG] = True,
+    inactive_update_rule: Annotated[str, OneOf(INACTIVE_RULES)] = "sign_sgd",
+    inactive_lr_scale: Annotated[float, NON_NEGATIVE] = 1.0,
+    betas: Annotated[tuple[float, float], BETAS] = (0.9, 0.999),
+    eps: Annotated[float, NON_NEGATIVE] = 1e-8,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
+    exclude: Annotated[str | None, REGEX_OR_NONE] = LOW_RANK_EXCLUDE,
+) -> ChainOptimizer:
+    """FRUGAL: AdamW on a ``density`` share of each matrix (an SVD, random or coordinate-block subspace,
+    refreshed every ``update_gap`` steps) and a state-free rule on the residual; AdamW elsewhere.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs (for ``exclude``) or param groups (any key below
+            but ``projection`` and ``exclude`` per group; each group is routed by the same rule).
+        lr: learning rate.
+        density: share of each matrix in the stateful subspace (0: all signSGD, 1: all AdamW).
+        projection: ``"svd"``, ``"random"`` or ``"blocks"`` (fixed at construction).
+        update_gap: steps between subspace refreshes.
+        reset_statistics: zero the moments at each refresh.
+        inactive_update_rule: the residual's rule (``"sign_sgd"``, ``"sgd"`` or ``"no"``).
+        inactive_lr_scale: multiplies lr on the residual.
+        betas, eps: Adam's.
+        weight_decay: decoupled weight decay.
+        exclude: regular expression of 2-D parameter names left to AdamW (embeddings, heads, norms).
+    """
+    hp = checked(frugal, locals())
+    matrices = chain(decoupled_weight_decay(), project_subspace(hp.pop("projection"), scale_by_adam()))
+    renames: dict[str, Rename] = {"density": ("rank", float), "update_gap": "update_proj_gap"}
+    return _routed(params, "frugal", matrices, scale_by_adam(), hp, ranges_of(frugal), renames)
 
 
 # COSMOS: the COSMOS class defaults (rank 64, gamma 0.2, lr_ratio 0.1, betas (0.9, 0.999), eps 1e-8) with
@@ -146,24 +178,36 @@ def frugal(params: Any, **hp: Any) -> ChainOptimizer:
     "cosmos",
     paper=COSMOS_PAPER,
     summary="SOAP on a tracked rank-r eigenbasis of the input covariance, Muon on the residual subspace",
-    defaults={
-        "lr": 2e-3,
-        "rank": 64,
-        "gamma": 0.2,
-        "lr_ratio": 0.1,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "exclude": LOW_RANK_EXCLUDE,
-    },
 )
-def cosmos(params: Any, **hp: Any) -> ChainOptimizer:
-    _check_rank(hp["rank"])
-    checks.in_range("gamma", hp["gamma"], 0.0, float("inf"))
-    if not (isinstance(hp["lr_ratio"], int | float) and hp["lr_ratio"] > 0):
-        raise ValueError(f"lr_ratio must be a positive number, got {hp['lr_ratio']!r}")
+def cosmos(
+    params: Any,
+    *,
+    lr: Annotated[float, LR] = 2e-3,
+    rank: Annotated[int | float, RANK] = 64,
+    gamma: Annotated[float, NON_NEGATIVE] = 0.2,
+    lr_ratio: Annotated[float, POSITIVE] = 0.1,
+    betas: Annotated[tuple[float, float], BETAS] = (0.9, 0.999),
+    eps: Annotated[float, NON_NEGATIVE] = 1e-8,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
+    exclude: Annotated[str | None, REGEX_OR_NONE] = LOW_RANK_EXCLUDE,
+) -> ChainOptimizer:
+    """COSMOS: SOAP-style Adam in a tracked rank-``rank`` eigenbasis of each matrix's input covariance,
+    Muon (Newton-Schulz) on the residual, scaled by ``gamma``; AdamW elsewhere.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs (for ``exclude``) or param groups (any key below
+            but ``exclude`` per group; each group is routed by the same rule).
+        lr: learning rate.
+        rank: rank of the tracked basis: an int, or a float fraction of min(m, n).
+        gamma: scale of the residual (Muon) part.
+        lr_ratio: the official code's ratio of the residual's step normalization.
+        betas, eps: Adam's.
+        weight_decay: decoupled weight decay.
+        exclude: regular expression of 2-D parameter names left to AdamW (embeddings, heads, norms).
+    """
+    hp = checked(cosmos, locals())
     matrices = chain(decoupled_weight_decay(), scale_by_cosmos())
-    return _routed(params, "cosmos", matrices, scale_by_adam(), hp)
+    return _routed(params, "cosmos", matrices, scale_by_adam(), hp, ranges_of(cosmos))
 
 
 # GradNormLoRP: GaLore's pretraining settings on V (README: lr 0.01, scale 0.25, rank 128, T 250) and
@@ -174,9 +218,25 @@ def cosmos(params: Any, **hp: Any) -> ChainOptimizer:
     "gradnorm-lorp",
     paper=GRADNORM_LORP_PAPER,
     summary="Weight-normalized W = g*V/|V|_row; GaLore-projected Adam on V, Adam on g; no copy of V kept",
-    defaults={**GALORE_DEFAULTS, "update_proj_gap": 250},
 )
-def gradnorm_lorp(params: Any, **hp: Any) -> ChainOptimizer:
-    _check_projected(hp)
+def gradnorm_lorp(
+    params: Any,
+    *,
+    lr: Annotated[float, LR] = 0.01,
+    rank: Annotated[int | float, RANK] = 128,
+    scale: Annotated[float, NON_NEGATIVE] = 0.25,
+    update_proj_gap: Annotated[int, at_least_int(1)] = 250,
+    betas: Annotated[tuple[float, float], BETAS] = (0.9, 0.999),
+    eps: Annotated[float, NON_NEGATIVE] = 1e-6,
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
+    reset_statistics: Annotated[bool, FLAG] = False,
+    exclude: Annotated[str | None, REGEX_OR_NONE] = LOW_RANK_EXCLUDE,
+) -> ChainOptimizer:
+    """GradNormLoRP: each routed matrix as ``W = g·V/‖V‖_row``; GaLore-projected Adam on V, Adam on the
+    gains g, without keeping a copy of V; AdamW elsewhere.
+
+    Args: as `galore` (the same keys, ``update_proj_gap`` 250 by default).
+    """
+    hp = checked(gradnorm_lorp, locals())
     matrices = chain(ScaleByWeightNormProjection(_galore_chain("svd"), scale_by_adam_raw_eps()))
-    return _routed(params, "gradnorm-lorp", matrices, scale_by_adam_raw_eps(), hp)
+    return _routed(params, "gradnorm-lorp", matrices, scale_by_adam_raw_eps(), hp, ranges_of(gradnorm_lorp))

@@ -16,8 +16,6 @@
   preconditioner. Factors are kept in the parameter's dtype (mkor.py defaults to float16 factors).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Annotated, Any
 

@@ -188,7 +188,11 @@ class PreconditionMKOR(GradientTransform):
         inverse.copy_(torch.where(reset.bool(), (1 - zeta) * inverse + zeta * eye, updated))
 
     def precondition(
-        self, weight: Tensor, bias: Tensor | None, state: Mapping[str, Tensor], group: Mapping[str, Any],
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        state: Mapping[str, Tensor],
+        group: Mapping[str, Any],
         unscale: Tensor | None = None,
     ) -> None:
         """Precondition one layer from ``weight.grad`` (and ``bias.grad``; None: ∇b counts as zero, as for a
