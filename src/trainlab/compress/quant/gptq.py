@@ -139,21 +139,18 @@ HESSIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows ``X`` that ``module``'s weight, flattened to ``(out, -1)``, multiplies: a Linear's inputs (every
-    leading dimension a sample), a convolution's input patches (one row per output position, ``F.unfold`` order).
-    The input is padded as the convolution's own forward pads it (its ``padding_mode``: zeros, reflect,
-    replicate or circular; numeric or ``"same"`` padding), so border patches hold what the layer really sees."""
+    leading dimension a sample), a convolution's input patches (one row per output position, ``F.unfold`` order)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    if module.groups != 1:
-        raise ValueError(f"{type(module).__name__} needs groups=1 for a calibration Hessian, got {module.groups}")
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)  # torch's own (left, right) per dimension
+    if isinstance(module.padding, str) or module.groups != 1:
+        raise ValueError(f"{type(module).__name__} needs groups=1 and numeric padding for a calibration Hessian")
     if isinstance(module, nn.Conv1d):  # as a Conv2d with a kernel of width 1
         x = x.unsqueeze(-1)
-        kernel, dilation, stride = (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1)
+        kernel, dilation = (module.kernel_size[0], 1), (module.dilation[0], 1)
+        padding, stride = (module.padding[0], 0), (module.stride[0], 1)
     else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    patches = F.unfold(x, kernel, dilation, 0, stride)  # (batch, in * kernel area, positions)
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    patches = F.unfold(x, kernel, dilation, padding, stride)  # (batch, in * kernel area, positions)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
