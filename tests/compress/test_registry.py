@@ -131,10 +131,10 @@ def test_every_allocator_spec_is_complete(spec):
 def test_cli_choices_are_the_registry():
     import argparse
 
-    from trainlab.cli.compress import add_compress_parser
+    from trainlab.cli.compress import add_parser
 
     sub = argparse.ArgumentParser().add_subparsers()
-    parser = add_compress_parser(sub)
+    parser = add_parser(sub)
     choices = {a.dest: a.choices for a in parser._actions if a.choices is not None}
     assert list(choices["method"]) == compressor_names()
     assert list(choices["allocator"]) == allocator_names()

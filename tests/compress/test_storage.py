@@ -4,6 +4,8 @@ bad input names what was wrong."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +69,19 @@ def test_every_registered_format_round_trips_bit_for_bit(tmp_path):
         assert torch.equal(back.dequantize(torch.float64), obj.dequantize(torch.float64)), kind
         assert torch.equal(back.dequantize(torch.float32), obj.dequantize(torch.float32)), kind
         assert back.metadata() == obj.metadata()
+
+
+def test_a_fresh_process_finds_every_format_through_the_registry(tmp_path):
+    """Nothing imports the quantizer modules: the compression registry does, before load resolves the kinds."""
+    objs = _one_of_each_kind()
+    path = tmp_path / "all.safetensors"
+    save(path, {}, {f"{k}.weight": o for k, o in objs.items()})
+    code = (
+        "import sys; from trainlab.compress.storage import load; "
+        "print(' '.join(sorted(p.kind for p in load(sys.argv[1])[1].values())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == sorted(objs)
 
 
 class TiedLM(nn.Module):

@@ -34,32 +34,39 @@ def optimizer_rows() -> Iterable[Row]:
         yield name, spec.paper, spec.summary, ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
 
 
-def compression_rows() -> Iterable[Row]:
-    from trainlab.compress import recover, sparse_training, structured
-    from trainlab.compress.pipeline import ALLOCATORS, QUANT_ALLOCATORS
-    from trainlab.compress.plan import compressor_names
-    from trainlab.compress.quant.apply import METHODS as QUANT
+# Methods outside the compression registry (training-time N:M, recovery after pruning): their papers.
+_NM_TRAINING_PAPERS = {
+    "ste": "Estimating or Propagating Gradients Through Stochastic Neurons for Conditional Computation (STE)",
+    "sr-ste": "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch (SR-STE)",
+    "mdgf": "Progressive Gradient Flow for Robust N:M Sparsity Training in Transformers",
+    "sdgf": "Progressive Gradient Flow for Robust N:M Sparsity Training in Transformers",
+}
+_RECOVERY_PAPERS = {"perp": "PERP: Rethinking the Prune-Retrain Paradigm in the Era of LLMs"}
 
-    for m in compressor_names():
-        yield m, "`trainlab compress --method`"
-    for m in structured.METHODS:
-        yield m, "`trainlab compress --method`, structured (sliced)"
-    for a in ALLOCATORS:
-        yield a, "`--allocator` (per-layer budget)"
+
+def compression_rows() -> Iterable[Row]:
+    from trainlab.compress import recover, sparse_training
+    from trainlab.compress.registry import allocator_specs, compressor_names, get_compressor
+
+    for name in compressor_names():
+        spec = get_compressor(name)
+        needs = ", ".join(sorted(spec.needs))
+        if spec.second_order == "optional":
+            needs += " (+ hessian with second order)" if needs else "hessian with second order"
+        level = spec.level.replace("_", " ") + (f" {', '.join(map(str, spec.bits))}" if spec.bits else "")
+        yield name, f"compressor ({spec.kind})", spec.paper, spec.summary, level, needs or "-"
+    for spec in allocator_specs():
+        budget = "per-column bits" if spec.per_column else spec.budget
+        yield spec.name, "allocator", spec.paper, spec.summary, budget, ", ".join(sorted(spec.needs)) or "-"
     for r in recover.METHODS:
-        yield r, "`--recover` (retraining)"
+        yield r, "recovery (`--recover`)", _RECOVERY_PAPERS[r], "retraining after pruning", "-", "training data"
     for m in sparse_training.METHODS:
-        yield m, "N:M sparse training (`NMSchedule(method=...)`)"
-    for m, q in QUANT.items():
-        yield m, f"`trainlab compress --method {m} --bits B`, quantization: {q.description}"
-    for a in QUANT_ALLOCATORS:
-        if a not in ALLOCATORS:
-            yield a, "`--allocator` with `--bits` (bit-widths; per column for baq)"
+        yield m, "N:M sparse training", _NM_TRAINING_PAPERS[m], "`NMSchedule(method=...)`", "pattern", "training"
 
 
 SECTIONS = (
     Section("Optimizers", ("paper", "what it is", "defaults"), optimizer_rows),
-    Section("Compression", ("kind",), compression_rows),
+    Section("Compression", ("kind", "paper", "what it is", "level / budget", "needs"), compression_rows),
 )
 
 

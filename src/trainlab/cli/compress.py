@@ -11,17 +11,10 @@ from typing import Any
 import torch
 
 
-def pruning_methods() -> tuple[str, ...]:
-    from trainlab.compress.plan import compressor_names
-    from trainlab.compress.structured import METHODS as STRUCTURED
-
-    return (*compressor_names(), *STRUCTURED)
-
-
 def quant_methods() -> tuple[str, ...]:
-    from trainlab.compress.quant.apply import METHODS as QUANT
+    from trainlab.compress.registry import compressor_names
 
-    return tuple(QUANT)
+    return tuple(compressor_names("quantizer"))
 
 
 def _bits(text: str) -> float:
@@ -58,9 +51,10 @@ def _pattern(text: str) -> str:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``compress`` subcommand on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     from trainlab.compress import recover
-    from trainlab.compress.pipeline import ALLOCATORS, QUANT_ALLOCATORS
+    from trainlab.compress.registry import allocator_names, compressor_names
 
     quant = quant_methods()
+    pruning_allocators, bit_allocators = allocator_names("sparsity"), allocator_names("bits")
     p = subparsers.add_parser(
         "compress", help="prune or quantize a workload's trained model; write report, results and plot"
     )
@@ -68,9 +62,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         required=True,
-        choices=pruning_methods() + quant,
+        choices=compressor_names(),
         help="pruning: magnitude (unstructured), nm (N:M by magnitude), beta-rank / precrop (channels, physically "
-        f"sliced); quantization (with --bits): {', '.join(quant)}",
+        f"sliced); quantization (with --bits): {', '.join(quant)} (baq with --allocator baq)",
     )
     p.add_argument(
         "--sparsity",
@@ -81,10 +75,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pattern", type=_pattern, default=None, help="N:M pattern for --method nm (N < M; default 2:4)")
     p.add_argument(
         "--allocator",
-        choices=tuple(dict.fromkeys(ALLOCATORS + QUANT_ALLOCATORS)),
+        choices=allocator_names(),
         default="uniform",
-        help=f"how the budget is split over layers: sparsity for magnitude ({', '.join(ALLOCATORS)}), bit-widths "
-        f"for quantization ({', '.join(QUANT_ALLOCATORS)}; --bits is then the average)",
+        help=f"how the budget is split over layers: sparsity for magnitude ({', '.join(pruning_allocators)}), "
+        f"bit-widths for quantization ({', '.join(bit_allocators)}; --bits is then the average)",
     )
     p.add_argument(
         "--bits", type=_bits, default=None, help="quantization bit-width (average with a mixed-precision allocator)"
@@ -122,10 +116,10 @@ def _check_common(args: argparse.Namespace) -> None:
 
 def _check_quant(args: argparse.Namespace) -> float:
     """The bit-width to run; impossible quantization argument combinations raise ValueError naming the flag."""
-    from trainlab.compress.pipeline import QUANT_ALLOCATORS
-    from trainlab.compress.quant.apply import METHODS as QUANT
+    from trainlab.compress.registry import allocator_names, get_allocator, get_compressor
 
-    spec = QUANT[args.method]
+    spec = get_compressor(args.method)
+    bit_allocators = allocator_names("bits")
     for flag, value in (("--sparsity", args.sparsity), ("--pattern", args.pattern), ("--recover", args.recover)):
         if value is not None:
             raise ValueError(f"{flag} applies to pruning methods, not --method {args.method} (quantization)")
@@ -139,16 +133,18 @@ def _check_quant(args: argparse.Namespace) -> float:
         if spec.bits is None or len(spec.bits) != 1:
             raise ValueError(f"--method {args.method} needs --bits (2 to 8)")
         bits = float(spec.bits[0])
-    if args.allocator not in QUANT_ALLOCATORS:
+    if args.allocator not in bit_allocators:
         raise ValueError(
             f"--allocator {args.allocator} is a pruning allocator; quantization takes one of: "
-            f"{', '.join(QUANT_ALLOCATORS)}"
+            f"{', '.join(bit_allocators)}"
         )
-    if args.allocator == "baq" and args.method != "rtn":
+    per_column = get_allocator(args.allocator, "bits").per_column
+    if per_column != (spec.level == "column_bits"):
         raise ValueError(
-            f"--allocator baq quantizes with its own uniform per-column grid: use --method rtn, not {args.method}"
+            f"--allocator {args.allocator} and --method {args.method}: per-column bits go together "
+            "(--method baq --allocator baq)"
         )
-    if args.allocator != "uniform" and not spec.mixed:
+    if args.allocator != "uniform" and spec.fixed_width:
         raise ValueError(f"--allocator {args.allocator}: --method {args.method} has a fixed bit-width")
     if args.allocator == "uniform" and bits != int(bits):
         raise ValueError(f"--bits {bits:g} is fractional; only a mixed-precision --allocator takes averages")
@@ -161,9 +157,9 @@ def _check_quant(args: argparse.Namespace) -> float:
 
 def _check_pruning(args: argparse.Namespace) -> tuple[list[float], str | None]:
     """The sparsities and N:M pattern to run; impossible combinations raise ValueError naming the flag."""
-    from trainlab.compress.pipeline import ALLOCATORS
-    from trainlab.compress.prune import parse_pattern
-    from trainlab.compress.structured import METHODS as STRUCTURED
+    from trainlab.compress.registry import allocator_names, compressor_names, parse_pattern
+
+    allocators, structured = allocator_names("sparsity"), compressor_names("structured")
 
     for flag, value in (
         ("--bits", args.bits),
@@ -174,17 +170,17 @@ def _check_pruning(args: argparse.Namespace) -> tuple[list[float], str | None]:
             raise ValueError(
                 f"{flag} applies to quantization methods ({', '.join(quant_methods())}), not --method {args.method}"
             )
-    if args.allocator not in ALLOCATORS:
+    if args.allocator not in allocators:
         raise ValueError(
             f"--allocator {args.allocator} allocates bit-widths (quantization); pruning takes one of: "
-            f"{', '.join(ALLOCATORS)}"
+            f"{', '.join(allocators)}"
         )
     if args.recover_steps <= 0:
         raise ValueError(f"--recover-steps must be a positive integer, got {args.recover_steps}")
     _check_common(args)
     if args.pattern is not None and args.method != "nm":
         raise ValueError(f"--pattern applies to --method nm only, not {args.method}")
-    if args.recover == "perp" and args.method in STRUCTURED:
+    if args.recover == "perp" and args.method in structured:
         raise ValueError(f"--recover perp applies to masked models (magnitude, nm), not --method {args.method}")
     if args.allocator != "uniform" and args.method != "magnitude":
         raise ValueError(f"--allocator {args.allocator} applies to --method magnitude only, not {args.method}")

@@ -11,7 +11,7 @@ bitmask / CSR / N:M sparsity) owns its storage:
 
 ``@register_format(kind)`` puts a type in :data:`FORMATS`; :mod:`trainlab.compress.storage` writes the kind
 next to each object's metadata and finds the type again on load. A new quantizer brings its packed type in its
-own file with ``@register_format``; the storage module imports the built-in ones so that they are registered.
+own file with ``@register_format`` (the compression registry imports every quantizer module before a load).
 """
 
 from __future__ import annotations

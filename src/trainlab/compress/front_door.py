@@ -21,12 +21,11 @@ from torch import nn
 
 from trainlab.compress.batches import model_input, run_batch
 from trainlab.compress.masks import apply_mask, get_mask
-from trainlab.compress.plan import Plan, compressible_layers, matching
+from trainlab.compress.plan import Plan, compressible_layers, matching, unsupported_layers
 from trainlab.compress.prune import check_sparsity
 from trainlab.compress.quant.grids import check_group_size
 from trainlab.compress.registry import Allocation, CompressorSpec, get_allocator, get_compressor, parse_pattern
 
-UNCOMPRESSED_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding)
 Loss = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -155,11 +154,12 @@ def _structured(model: nn.Module, plan: Plan, calibration: Sequence, exclude: An
 
 
 def _other_weighted(model: nn.Module) -> dict[str, str]:
-    return {
-        name: f"{type(m).__name__} layers are not compressed"
-        for name, m in model.named_modules()
-        if isinstance(m, UNCOMPRESSED_TYPES)
-    }
+    """Weight layers no compressor acts on, with the reason (they stay dense whatever the plan says)."""
+    out = {name: f"{kind} layers are not compressed" for name, kind in unsupported_layers(model).items()}
+    out.update(
+        {name: "embeddings are not compressed" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    )
+    return out
 
 
 def _prune(name: str, module: nn.Module, compressor: str, level: Any) -> str | None:

@@ -9,6 +9,10 @@ Tied weights (one tensor under several names, e.g. an ``lm_head`` sharing the em
 the other names are aliases, recorded in the metadata, and on load they hold the very same tensor (or packed
 object) as their target, so :func:`retie` can restore the tie in a fresh model. Files are written atomically
 (a temporary file in the same folder, then ``os.replace``).
+
+A quantizer's packed type is registered (:func:`~trainlab.compress.formats.register_format`) in the quantizer's
+own module, which the compression registry imports before a file is read: a new quantizer with a new storage
+format is one file plus its test.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-# the built-in packed formats register themselves on import
-from trainlab.compress import sparse_formats  # noqa: F401
+from trainlab.compress import sparse_formats  # noqa: F401  (registers bitmask, csr, nm)
 from trainlab.compress.formats import SEP, Packed, format_of
-from trainlab.compress.quant import grids, gwq, mixed, nupes, ptqtp, vptq  # noqa: F401
+from trainlab.compress.registry import compressor_names
 
 META_KEY = "trainlab.format"
 LEGACY_KEYS = ("trainlab.quant", "trainlab.sparse", "trainlab.baq")
@@ -186,6 +189,8 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Packed]]:
     if META_KEY not in header and legacy:
         raise ValueError(f"{path} was written by an older trainlab ({legacy[0]!r} metadata); export it again")
     described = json.loads(header.get(META_KEY, '{"packed": {}, "aliases": {}}'))
+    if described["packed"]:
+        compressor_names()  # imports every quantizer module, and with it the packed format it registers
     state = {k: v for k, v in stored.items() if SEP not in k}
     packed: dict[str, Packed] = {}
     for name, desc in described["packed"].items():

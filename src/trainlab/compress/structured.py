@@ -258,7 +258,7 @@ def _check_structured(model: nn.Module, sparsity: float, calibration: list[torch
 @register_compressor(
     "beta-rank",
     paper="Beta-Rank: A Robust Convolutional Filter Pruning Method For Imbalanced Medical Image Analysis",
-    summary="channels/units ranked by |W| times output-over-input spread, physically sliced",
+    summary="channels/units ranked by mean absolute weight times output-over-input spread, physically sliced",
     kind="structured",
     level="sparsity",
     needs=("calibration",),

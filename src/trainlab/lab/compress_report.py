@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PER_SPARSITY = ("sparsity", "metric_after", "file_bytes_after", "levels")
+PER_SPARSITY = ("sparsity", "achieved_sparsity", "dense_layers", "metric_after", "file_bytes_after", "levels")
 
 
 def results_json(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -27,17 +27,24 @@ def pruning_report(records: list[dict[str, Any]]) -> str:
         + (f" ({r0['allocator']} allocator)" if r0["method"] == "magnitude" else "")
         + (f", recovered with {r0['recover']}" if r0["recover"] else ""),
         "",
-        f"| sparsity | {r0['metric']} before | {r0['metric']} after | file bytes before | file bytes after | ratio |",
-        "|---|---|---|---|---|---|",
+        f"| sparsity | achieved | {r0['metric']} before | {r0['metric']} after | file bytes before "
+        "| file bytes after | ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['sparsity']:g} | {r['metric_before']:.4f} | {r['metric_after']:.4f} | {r['file_bytes_before']} "
-            f"| {r['file_bytes_after']} | {r['file_bytes_after'] / r['file_bytes_before']:.3f} |"
+            f"| {r['sparsity']:g} | {r['achieved_sparsity']:.4f} | {r['metric_before']:.4f} | {r['metric_after']:.4f} "
+            f"| {r['file_bytes_before']} | {r['file_bytes_after']} "
+            f"| {r['file_bytes_after'] / r['file_bytes_before']:.3f} |"
         )
+        if r["dense_layers"]:
+            dense = "; ".join(f"`{k}` ({why})" for k, why in r["dense_layers"].items())
+            lines.append(f"\nLeft dense at sparsity {r['sparsity']:g}: {dense}\n")
     lines += [
         "",
-        "Sparsity is the fraction of Linear/Conv weights removed (embeddings, norms and biases stay dense); file "
+        "Sparsity is the fraction of Linear/Conv weights asked to be removed, achieved the fraction really removed "
+        "(N:M leaves layers whose input size is not a multiple of M dense; embeddings, norms and biases stay "
+        "dense); file "
         "bytes are the safetensors exports (compact sparse encoding, or the sliced model for structured methods).",
         "",
         "Per-layer levels (sparsity per layer; output channels for structured methods):",

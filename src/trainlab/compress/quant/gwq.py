@@ -199,7 +199,7 @@ def collect_gradients(
 @register_compressor(
     "gwq",
     paper="GWQ: Gradient-Aware Weight Quantization for Large Language Models",
-    summary="top 1% weights by |loss gradient| kept in float16, the rest uniform RTN (GPTQ with second order)",
+    summary="top 1% weights by loss-gradient magnitude kept in float16, the rest uniform RTN (GPTQ with second order)",
     kind="quantizer",
     level="bits",
     needs=("calibration", "gradient"),

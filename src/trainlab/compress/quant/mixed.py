@@ -18,7 +18,9 @@ under one average-bit budget, reusing the allocators of :mod:`trainlab.compress.
   KL(dense || quantized) on calibration inputs. Mutations are equal-cost switches, so they only trade bits
   between layers of the same size (EvoPress's ``group_rule='size'``): the average bits never change.
 
-The entry point for a model is :func:`quantize_mixed`; :func:`allocate_bits` returns only the per-layer bits.
+The registered allocators at the end of this module (``hawq``, ``evopress``, ``baq``, ``uniform``; see
+:func:`trainlab.compress.allocate_plan`) return a :class:`~trainlab.compress.plan.Plan`; :func:`quantize_mixed` is
+the measurement machinery they share (it also returns the quantized weights).
 """
 
 from __future__ import annotations
@@ -664,19 +666,6 @@ def _evopress(
     out = evopress_bits(sizes, avg_bits, fitness, choices, start, seed=seed, progress=bar.update, **options)
     bar.close()
     return out
-
-
-def allocate_bits(
-    model: nn.Module,
-    method: str,
-    avg_bits: float,
-    calibration: Sequence[torch.Tensor] = (),
-    choices: Sequence[int] = DEFAULT_CHOICES,
-    **kwargs: object,
-) -> dict[str, int | torch.Tensor]:
-    """Bits per compressible layer (per-column tensors for ``baq``) chosen by ``method``; the keyword arguments
-    are :func:`quantize_mixed`'s."""
-    return quantize_mixed(model, method, avg_bits, calibration, choices=choices, **kwargs).bits
 
 
 def evaluate_mixed(
