@@ -18,6 +18,8 @@ RUN_KEYS = {
     "final_metric",
     "best_metric",
     "steps_to_target",
+    "samples",
+    "samples_to_target",
     "time_to_target_s",
     "wall_time_s",
     "step_time_ms_median",
@@ -51,7 +53,8 @@ def test_bench_writes_results_report_and_plots(registered_tiny, tmp_path):
         assert RUN_KEYS <= set(run)
         assert run["peak_rss_bytes"] > 0 and run["step_time_ms_median"] > 0
         assert [p["step"] for p in run["curve"]] == [10, 20, 30]
-        assert set(run["curve"][0]) == {"step", "wall_time_s", "train_loss", "metric"}
+        assert set(run["curve"][0]) == {"step", "samples", "wall_time_s", "train_loss", "metric"}
+        assert run["samples"] == 30 * base.get_workload("tiny").batch_size == run["curve"][-1]["samples"]
     by_alg = {r["algorithm"]: r for r in runs if r["seed"] == 0}
     # workload-tuned lr for adamw, the user's override for sgd
     assert by_alg["adamw"]["hyperparameters"]["lr"] == 1e-2

@@ -105,3 +105,49 @@ def test_divergence_is_recorded_with_its_step_and_checkpointed(tiny, tmp_path):
 def test_bad_arguments(tiny, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         train(tiny, _adamw, **kwargs)
+
+
+def test_growing_batch_counts_samples_and_resumes_bitwise(tiny, tmp_path):
+    from trainlab.schedules.batch_size import AdaptiveBatchSize
+
+    def controller():  # grows 4 -> 26 over the 30 steps
+        return AdaptiveBatchSize(4, 64, eta=1.0, test_samples=16)
+
+    full_sizes = controller()
+    full = train(tiny, _adamw, seed=1, steps=30, eval_every=10, batch_sizes=full_sizes)
+    sizes = full_sizes.history
+    assert len(sizes) == 30 and sizes[0] == 4 and sizes == sorted(sizes) and sizes[-1] > 4
+    assert full.samples == sum(sizes) and [p["samples"] for p in full.curve] == [sum(sizes[:k]) for k in (10, 20, 30)]
+
+    def kill_at_25(step, model):
+        if step == 25:
+            raise Killed
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train(
+            tiny,
+            _adamw,
+            seed=1,
+            steps=30,
+            eval_every=10,
+            batch_sizes=controller(),
+            on_gradients=kill_at_25,
+            checkpoint=ckpt,
+            checkpoint_every=10,
+        )
+    resumed_sizes = controller()
+    resumed = train(
+        tiny,
+        _adamw,
+        seed=1,
+        steps=30,
+        eval_every=10,
+        batch_sizes=resumed_sizes,
+        checkpoint=ckpt,
+        checkpoint_every=10,
+        resume=True,
+    )
+    assert resumed_sizes.history == sizes and resumed.samples == full.samples
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)

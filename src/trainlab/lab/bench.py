@@ -149,6 +149,8 @@ def _run_one(
         "final_metric": _finite_or_none(result.final_metric),
         "best_metric": _finite_or_none(result.best_metric),
         "steps_to_target": result.steps_to_target,
+        "samples": result.samples,
+        "samples_to_target": result.samples_to_target,
         "time_to_target_s": result.time_to_target_s,
         "wall_time_s": result.wall_time_s,
         "step_time_ms_median": 1e3 * statistics.median(step_times) if step_times else None,

@@ -59,20 +59,22 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
             f"Metric: {first['metric']} ({better} is better), target {first['target']}. "
             "Medians over seeds; a seed that missed the target counts as never reaching it.",
             "",
-            "| algorithm | seeds | final | best | reached | steps to target | time to target (s) "
-            "| wall (s) | step (ms) | peak RSS (MB) | optimizer state (KB) | diverged |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| algorithm | seeds | final | best | reached | steps to target | samples to target "
+            "| time to target (s) | samples | wall (s) | step (ms) | peak RSS (MB) | optimizer state (KB) | diverged |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (wn, a), runs in sorted(groups.items()):
             if wn != w:
                 continue
             reached = sum(r["steps_to_target"] is not None for r in runs)
-            steps_tt = statistics.median(
-                r["steps_to_target"] if r["steps_to_target"] is not None else math.inf for r in runs
+            steps_tt, samples_tt = (
+                statistics.median(r.get(key) if r.get(key) is not None else math.inf for r in runs)
+                for key in ("steps_to_target", "samples_to_target")
             )
             lines.append(
                 f"| {a} | {len(runs)} | {_fmt(_median(runs, 'final_metric'))} | {_fmt(_median(runs, 'best_metric'))}"
-                f" | {reached}/{len(runs)} | {_fmt(steps_tt, 0)} | {_fmt(median_time_to_target(runs), 2)}"
+                f" | {reached}/{len(runs)} | {_fmt(steps_tt, 0)} | {_fmt(samples_tt, 0)}"
+                f" | {_fmt(median_time_to_target(runs), 2)} | {_fmt(_median(runs, 'samples'), 0)}"
                 f" | {_fmt(_median(runs, 'wall_time_s'), 2)} | {_fmt(_median(runs, 'step_time_ms_median'), 2)}"
                 f" | {_fmt(_median(runs, 'peak_rss_bytes') / 2**20, 0)}"
                 f" | {_fmt(_median(runs, 'optimizer_state_bytes') / 1024, 1)}"
@@ -107,7 +109,7 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict
 
 
 def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
-    values = [r[key] for r in runs if r[key] is not None]
+    values = [r[key] for r in runs if r.get(key) is not None]  # results.json from before a column existed
     return statistics.median(values) if values else math.nan
 
 

@@ -34,6 +34,21 @@ class BatchTrainer(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class BatchSizeController(Protocol):
+    """A growing batch size (e.g. trainlab.schedules.AdaptiveBatchSize): the runner draws ``batch_size``
+    samples, and ``backward`` fills the gradients (and may change ``batch_size`` for the next step)."""
+
+    batch_size: int
+
+    def backward(
+        self, model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], batch: Batch
+    ) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 # Returns an optimizer (backprop) or a BatchTrainer (the method trains the model its own way).
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer | BatchTrainer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -50,10 +65,12 @@ class TrainResult:
     time_to_target_s: float | None
     wall_time_s: float
     diverged_at: int | None
-    # One point per evaluation: step, wall_time_s, train_loss (mean since the last point), metric.
+    # One point per evaluation: step, samples, wall_time_s, train_loss (mean since the last point), metric.
     curve: list[dict[str, float]] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     step_times_s: list[float] = field(default_factory=list)
+    samples: int = 0  # training samples consumed (steps x batch size when it is fixed)
+    samples_to_target: int | None = None
 
     @property
     def diverged(self) -> bool:
@@ -76,6 +93,7 @@ def train(
     checkpoint_every: int = 0,
     resume: bool = False,
     progress: Callable[[int], None] | None = None,
+    batch_sizes: BatchSizeController | None = None,
 ) -> TrainResult:
     """Train ``make_optimizer(model)`` on ``workload`` and evaluate every ``eval_every`` steps.
 
@@ -84,6 +102,8 @@ def train(
     run, recorded as diverged at that step. With ``checkpoint`` set, the full state is saved every
     ``checkpoint_every`` steps (and on divergence); ``resume`` continues from it bit for bit.
     Wall times count training only: loading the data and evaluating happen off the clock.
+    With ``batch_sizes``, each step draws ``batch_sizes.batch_size`` samples and ``batch_sizes.backward``
+    computes the gradients (a growing batch, e.g. AdAdaGrad); ``samples`` counts what was drawn.
     """
     steps = workload.steps if steps is None else steps
     batch_size = workload.batch_size if batch_size is None else batch_size
@@ -97,26 +117,38 @@ def train(
     model = workload.make_model()
     optimizer = make_optimizer(model)
     local = None if isinstance(optimizer, torch.optim.Optimizer) else optimizer
-    if local is not None and (make_scheduler is not None or on_gradients is not None or loss_fn is not workload.loss):
-        raise ValueError("make_scheduler, on_gradients and loss_fn apply to optimizers, not to a BatchTrainer")
+    if local is not None and (
+        make_scheduler is not None
+        or on_gradients is not None
+        or loss_fn is not workload.loss
+        or batch_sizes is not None
+    ):
+        raise ValueError(
+            "make_scheduler, on_gradients, loss_fn and batch_sizes apply to optimizers, not to a BatchTrainer"
+        )
     evaluated = model if local is None else local.predictor
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     run = _RunState()
     if resume and checkpoint is not None and checkpoint.exists():
-        run = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        run = _load_checkpoint(checkpoint, model, optimizer, scheduler, batch_sizes)
 
     pending: list[torch.Tensor] = []  # losses since the last evaluation, synced only at evaluations
     step = run.step
     workload.make_batch(batch_size, batch_generator(seed, step))  # loads the data before the clock starts
     start = time.perf_counter() - run.elapsed_s
     while step < steps and run.diverged_at is None:
-        batch = workload.make_batch(batch_size, batch_generator(seed, step))
+        size = batch_size if batch_sizes is None else batch_sizes.batch_size
+        batch = workload.make_batch(size, batch_generator(seed, step))
+        run.samples += _batch_length(batch, size)
         t0 = time.perf_counter()
 
         def closure(batch: Batch = batch, step: int = step) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            loss.backward()
+            if batch_sizes is None:
+                loss = loss_fn(model, batch)
+                loss.backward()
+            else:
+                loss = batch_sizes.backward(model, loss_fn, batch)
             if on_gradients is not None:
                 on_gradients(step, model)
             return loss
@@ -140,7 +172,7 @@ def train(
             run.diverged_at is not None or (checkpoint_every and step % checkpoint_every == 0)
         ):
             run.step, run.elapsed_s = step, time.perf_counter() - start
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, run)
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, run, batch_sizes)
 
     wall = time.perf_counter() - start
     metrics = [p["metric"] for p in run.curve if math.isfinite(p["metric"])]
@@ -157,7 +189,15 @@ def train(
         curve=run.curve,
         train_losses=run.train_losses,
         step_times_s=run.step_times_s,
+        samples=run.samples,
+        samples_to_target=run.samples_to_target,
     )
+
+
+def _batch_length(batch: Batch, requested: int) -> int:
+    """Samples in ``batch``: dim 0 of its (first) tensor; the requested size for other batch types."""
+    first = batch[0] if isinstance(batch, tuple | list) and batch else batch
+    return first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else requested
 
 
 @dataclass
@@ -170,6 +210,8 @@ class _RunState:
     curve: list[dict[str, float]] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     step_times_s: list[float] = field(default_factory=list)
+    samples: int = 0
+    samples_to_target: int | None = None
 
 
 def _evaluate(
@@ -185,19 +227,33 @@ def _evaluate(
     metric = float("nan") if bad else workload.evaluate(model)
     if not math.isfinite(metric) and not bad:
         run.diverged_at = step
-    run.curve.append({"step": step, "wall_time_s": wall, "train_loss": sum(losses) / len(losses), "metric": metric})
+    run.curve.append(
+        {
+            "step": step,
+            "samples": run.samples,
+            "wall_time_s": wall,
+            "train_loss": sum(losses) / len(losses),
+            "metric": metric,
+        }
+    )
     if run.steps_to_target is None and math.isfinite(metric) and workload.reached(metric):
-        run.steps_to_target, run.time_to_target_s = step, wall
+        run.steps_to_target, run.time_to_target_s, run.samples_to_target = step, wall, run.samples
 
 
 def _save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, run: _RunState
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    run: _RunState,
+    batch_sizes: BatchSizeController | None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "batch_sizes": batch_sizes.state_dict() if batch_sizes is not None else {},
         "rng": torch.get_rng_state(),
         "run": {
             "step": run.step,
@@ -208,6 +264,8 @@ def _save_checkpoint(
             "curve": run.curve,
             "train_losses": run.train_losses,
             "step_times_s": run.step_times_s,
+            "samples": run.samples,
+            "samples_to_target": -1 if run.samples_to_target is None else run.samples_to_target,
         },
     }
     tmp = path.with_suffix(".tmp")
@@ -215,12 +273,20 @@ def _save_checkpoint(
     tmp.replace(path)  # atomic: a run killed mid-save keeps its previous checkpoint
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> _RunState:
+def _load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch_sizes: BatchSizeController | None,
+) -> _RunState:
     payload = torch.load(path, weights_only=True)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(payload["scheduler"])
+    if batch_sizes is not None:
+        batch_sizes.load_state_dict(payload["batch_sizes"])
     torch.set_rng_state(payload["rng"])
     r = payload["run"]
     return _RunState(
@@ -232,4 +298,6 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         curve=r["curve"],
         train_losses=r["train_losses"],
         step_times_s=r["step_times_s"],
+        samples=r.get("samples", 0),  # checkpoints written before samples were counted
+        samples_to_target=None if r.get("samples_to_target", -1) < 0 else r["samples_to_target"],
     )

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler
 
+from trainlab.schedules.batch_size import AdaptiveBatchSize, per_sample_gradients, proposed_batch_size
 from trainlab.schedules.refinement import RefinedLR, refined_schedule, smooth_grad_norms
+from trainlab.schedules.registry import batch_method_names, get_batch_method
 from trainlab.schedules.wsd import DECAY_SHAPES, WarmupStableDecay, WarmupStableDecaySimplified, wsd_lambda
 
 
@@ -77,10 +79,15 @@ def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: i
 
 __all__ = [
     "DECAY_SHAPES",
+    "AdaptiveBatchSize",
     "RefinedLR",
     "WarmupStableDecay",
     "WarmupStableDecaySimplified",
+    "batch_method_names",
     "create_scheduler",
+    "get_batch_method",
+    "per_sample_gradients",
+    "proposed_batch_size",
     "refined_schedule",
     "scheduler_names",
     "smooth_grad_norms",
