@@ -347,7 +347,8 @@ def vq_beats_rtn_2bit() -> ClaimResult:
 @functools.cache
 def _mixed_pylm() -> dict:
     """pylm at an average of 3 bits: HAWQ (eigenvalue and trace), BAQ, EvoPress and the two uniform baselines."""
-    from trainlab.compress.quant.mixed import kl_loss, quantize_mixed
+    from trainlab.compress import allocate_plan, compress
+    from trainlab.compress.quant.mixed import kl_loss
 
     torch.set_num_threads(1)
     w = get_workload("pylm")
@@ -356,9 +357,8 @@ def _mixed_pylm() -> dict:
     calibration_kl = kl_loss(model, calib)
 
     def run(allocator: str, **kw: object) -> dict:
-        mp = quantize_mixed(model, allocator, 3, calib, **kw)
-        bits = {k: (v if isinstance(v, int) else round(float(v.float().mean()), 3)) for k, v in mp.bits.items()}
-        quantized = mp.apply(copy.deepcopy(model))
+        result = compress(model, allocate_plan(allocator, model, bits=3, calibration=calib, **kw), calibration=calib)
+        bits = {k: (v if isinstance(v, int) else round(v, 3)) for k, v in result.bits.items()}
         with torch.no_grad():
             kl = calibration_kl(quantized).item()
         return {

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from trainlab.compress import allocate_plan, compress
 from trainlab.compress.calibrate import kl_to_dense, model_outputs
 from trainlab.compress.quant.gptq import gptq
 from trainlab.compress.quant.grids import UniformGrid
@@ -17,13 +18,11 @@ from trainlab.compress.quant.mixed import (
     baq_bits,
     baq_law,
     baq_quantize,
-    evaluate_mixed,
     evopress_bits,
     exact_allocate,
     hawq_allocate,
     hawq_sensitivities,
     mean_bits,
-    quantize_mixed,
 )
 
 F64 = torch.float64
@@ -45,9 +44,14 @@ def _rtn_error(w, bits):
     return float((UniformGrid(bits).quantize(w).dequantize() - w).square().sum())
 
 
+def _mixed(model, allocator, bits, calib, second_order=False, **hyperparameters):
+    """The front door: the allocator's plan, then compress (second order in both)."""
+    plan = allocate_plan(allocator, model, bits=bits, calibration=calib, second_order=second_order, **hyperparameters)
+    return compress(model, plan, calibration=calib, second_order=second_order)
+
+
 def _kl(model, result, calib):
-    m = result.apply(copy.deepcopy(model))
-    pairs = zip(model_outputs(model, calib), model_outputs(m, calib), strict=True)
+    pairs = zip(model_outputs(model, calib), model_outputs(result.model, calib), strict=True)
     return sum(kl_to_dense(d, o).item() for d, o in pairs)
 
 
@@ -110,11 +114,11 @@ def test_budget_errors_name_the_argument():
     with pytest.raises(ValueError, match="method"):
         hawq_sensitivities(nn.Linear(2, 2), lambda m: m.weight.sum(), method="hessian")
     with pytest.raises(ValueError, match="unknown allocator"):
-        quantize_mixed(_mlp(), "greedy", 3)
+        allocate_plan("greedy", _mlp(), bits=3)
     with pytest.raises(ValueError, match="calibration"):
-        quantize_mixed(_mlp(), "hawq", 3)
+        allocate_plan("hawq", _mlp(), bits=3)
     with pytest.raises(ValueError, match="choices"):
-        quantize_mixed(_mlp(), "hawq", 3, _calibration(), choices=(1, 3))
+        allocate_plan("hawq", _mlp(), bits=3, calibration=_calibration(), choices=(1, 3))
     with pytest.raises(ValueError, match="min_bits"):
         baq_bits(torch.ones(4), 3, min_bits=5, max_bits=4)
     with pytest.raises(ValueError, match="bits"):
@@ -201,20 +205,15 @@ def test_mixed_allocations_meet_the_budget_exactly_on_an_mlp():
         ("baq", {}),
         ("evopress", {"generations": 3, "offspring": 4}),
     ]:
-        res = quantize_mixed(model, allocator, 3, calib, **kw)
-        assert res.mean_bits == 3, allocator
+        res = _mixed(model, allocator, 3, calib, **kw)
+        assert res.report.mean_bits == 3, allocator
         assert mean_bits(res.bits, sizes) == 3
         assert set(res.weights) == set(sizes)
-    res = quantize_mixed(model, "hawq", 3.5, calib)  # not a choice: the DP still meets it exactly
-    assert res.mean_bits == 3.5 and len(set(res.bits.values())) > 1
+    res = _mixed(model, "hawq", 3.5, calib)  # not a choice: the DP still meets it exactly
+    assert res.report.mean_bits == 3.5 and len(set(res.bits.values())) > 1
     before = copy.deepcopy(model.state_dict())
-    dense = model_outputs(model, calib)
-
-    def kl(m):
-        return sum(kl_to_dense(d, o).item() for d, o in zip(dense, model_outputs(m, calib), strict=True))
-
-    value, res = evaluate_mixed(model, kl, "uniform", 4, calib)
-    assert res.mean_bits == 4 and value == pytest.approx(_kl(model, res, calib), rel=1e-9) and value > 0
+    res = _mixed(model, "uniform", 4, calib)
+    assert res.report.mean_bits == 4 and _kl(model, res, calib) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not modified
 
 
@@ -224,9 +223,9 @@ def test_evopress_bits_keeps_the_budget_and_is_not_worse_than_uniform():
     model, calib = _mlp(), _calibration(batches=2)
     with torch.no_grad():
         model[4].weight.mul_(0.05)
-    uniform = quantize_mixed(model, "uniform", 3, calib)
-    evo = quantize_mixed(model, "evopress", 3, calib, generations=12, offspring=6, survivors=(3, 1), max_step=2)
-    assert evo.mean_bits == 3
+    uniform = _mixed(model, "uniform", 3, calib)
+    evo = _mixed(model, "evopress", 3, calib, generations=12, offspring=6, survivors=(3, 1), max_step=2)
+    assert evo.report.mean_bits == 3
     assert _kl(model, evo, calib) < _kl(model, uniform, calib)
     assert evo.bits != uniform.bits  # it found a better configuration than its start
 

@@ -18,14 +18,13 @@ under one average-bit budget, reusing the allocators of :mod:`trainlab.compress.
   KL(dense || quantized) on calibration inputs. Mutations are equal-cost switches, so they only trade bits
   between layers of the same size (EvoPress's ``group_rule='size'``): the average bits never change.
 
-The registered allocators at the end of this module (``hawq``, ``evopress``, ``baq``, ``uniform``; see
-:func:`trainlab.compress.allocate_plan`) return a :class:`~trainlab.compress.plan.Plan`; :func:`quantize_mixed` is
-the measurement machinery they share (it also returns the quantized weights).
+The registered allocators at the end of this module (``uniform``, ``hawq``, ``evopress``, ``baq``; called through
+:func:`trainlab.compress.allocate_plan`) return a :class:`~trainlab.compress.plan.Plan` that
+:func:`trainlab.compress.compress` applies; ``second_order`` makes HAWQ and EvoPress measure with GPTQ.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +55,6 @@ from trainlab.compress.registry import (
 from trainlab.curvature import hutchinson_trace, top_eigenvalues
 from trainlab.runtime import evaluating
 
-MIXED_ALLOCATORS = ("uniform", "hawq", "baq", "evopress")
 SENSITIVITIES = ("eigenvalue", "trace")
 # pylm at 3 bits: with 8 among the choices HAWQ gives the lm_head 8 bits and loses to uniform RTN (3.359 vs 3.350
 # bits/byte); with (2, 3, 4) it wins for RTN and GPTQ (3.339, 3.331).
@@ -537,151 +535,6 @@ def kl_loss(model: nn.Module, inputs: Sequence[torch.Tensor]) -> LossOf:
     return loss
 
 
-@dataclass(frozen=True)
-class MixedPrecision:
-    """Quantized (dequantized) weights per layer, their bit-widths (int per layer, or a per-column int64
-    tensor for BAQ) and the exact average bits per weight over all quantized layers."""
-
-    weights: dict[str, torch.Tensor]
-    bits: dict[str, int | torch.Tensor]
-    mean_bits: float
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Copy the quantized weights into ``model`` (in place; returned for chaining)."""
-        layers = compressible_layers(model)
-        with torch.no_grad():
-            for name, w in self.weights.items():
-                layers[name].weight.copy_(w)
-        return model
-
-
-def _check_calibration(allocator: str, calibration: Sequence[torch.Tensor]) -> None:
-    if not calibration:
-        raise ValueError(f"allocator {allocator!r} needs calibration inputs")
-
-
-def quantize_mixed(
-    model: nn.Module,
-    allocator: str,
-    avg_bits: float,
-    calibration: Sequence[torch.Tensor] = (),
-    *,
-    choices: Sequence[int] = DEFAULT_CHOICES,
-    second_order: bool = False,
-    symmetric: bool = True,
-    group_size: int | None = None,
-    loss_fn: LossOf | None = None,
-    sensitivity: str = "eigenvalue",
-    hessian_batches: int = 1,
-    seed: int = 0,
-    progress: bool = False,
-    layers: Mapping[str, nn.Module] | None = None,
-    **options: object,
-) -> MixedPrecision:
-    """Quantize every compressible layer of ``model`` (not modified; see :meth:`MixedPrecision.apply`) at an
-    average of ``avg_bits`` bits per weight, exactly.
-
-    ``allocator``: ``uniform`` (every layer at ``avg_bits``, an integer), ``hawq`` (sensitivity ``eigenvalue``
-    or ``trace`` of ``loss_fn``, default: KL to the dense outputs on the first ``hessian_batches`` calibration
-    batches), ``evopress`` (KL fitness on the calibration inputs; ``options``: generations, offspring,
-    survivors, max_step), or ``baq`` (per-column bits; always second-order, BAQ's asymmetric per-row grid,
-    ``options``: min_bits, max_bits, th). Per-layer methods pick from ``choices`` and quantize with
-    :class:`UniformGrid` (``symmetric``, ``group_size``), by RTN or, with ``second_order``, GPTQ."""
-    if allocator not in MIXED_ALLOCATORS:
-        raise ValueError(f"unknown allocator {allocator!r}; choose one of: {', '.join(MIXED_ALLOCATORS)}")
-    _check_avg_bits(avg_bits)
-    layers = compressible_layers(model) if layers is None else dict(layers)
-    if not layers:
-        raise ValueError("model has no Linear/Conv layers to quantize")
-    sizes = {n: m.weight.numel() for n, m in layers.items()}
-    needs_hessians = second_order or allocator == "baq"
-    if needs_hessians:
-        _check_calibration(allocator if allocator == "baq" else "second_order", calibration)
-        convs = [n for n, m in layers.items() if not isinstance(m, nn.Linear)]
-        if convs:
-            raise ValueError(f"second-order quantization supports nn.Linear only; got conv layers {convs}")
-    hessians = collect_hessians(model, calibration, layers) if needs_hessians else None
-
-    if allocator == "baq":
-        extra = {k: options.pop(k) for k in ("min_bits", "max_bits", "th") if k in options}
-        if options:
-            raise ValueError(f"unknown options for baq: {sorted(options)}")
-        weights, bits = {}, {}
-        for name, module in tqdm(layers.items(), desc="baq", disable=not progress, leave=False):
-            res = baq_quantize(module.weight.detach(), hessians[name], avg_bits, group_size=group_size, **extra)
-            weights[name], bits[name] = res.weight, res.bits
-        return MixedPrecision(weights, bits, mean_bits(bits, sizes))
-
-    if allocator == "uniform":
-        if options:
-            raise ValueError(f"unknown options for uniform: {sorted(options)}")
-        if avg_bits != int(avg_bits):
-            raise ValueError(f"uniform needs whole avg_bits, got {avg_bits}")
-        picked = dict.fromkeys(layers, int(avg_bits))
-        db = bit_database(
-            model, [int(avg_bits)], hessians=hessians, symmetric=symmetric, group_size=group_size, layers=layers
-        )
-    else:
-        _check_calibration(allocator, calibration)
-        db = bit_database(model, choices, hessians=hessians, symmetric=symmetric, group_size=group_size, layers=layers)
-        pert = {n: {b: float((q - layers[n].weight.detach()).square().sum()) for b, q in db[n].items()} for n in db}
-        if allocator == "hawq":
-            if options:
-                raise ValueError(f"unknown options for hawq: {sorted(options)}")
-            if loss_fn is None:
-                loss_fn = kl_loss(model, list(calibration)[: max(1, hessian_batches)])
-            sens = hawq_sensitivities(model, loss_fn, layers, sensitivity, seed=seed)
-            picked = hawq_allocate(sens, pert, sizes, avg_bits)
-        else:
-            picked = _evopress(model, layers, sizes, db, pert, avg_bits, choices, calibration, seed, progress, options)
-    weights = {n: db[n][b] for n, b in picked.items()}
-    return MixedPrecision(weights, dict(picked), mean_bits(picked, sizes))
-
-
-def _evopress(
-    model: nn.Module,
-    layers: Mapping[str, nn.Module],
-    sizes: Mapping[str, int],
-    db: Mapping[str, Mapping[int, torch.Tensor]],
-    pert: Mapping[str, Mapping[int, float]],
-    avg_bits: float,
-    choices: Sequence[int],
-    calibration: Sequence[torch.Tensor],
-    seed: int,
-    progress: bool,
-    options: dict,
-) -> dict[str, int]:
-    """Start: every layer at ``avg_bits`` when that is a choice, else the exact DP on the weight perturbation;
-    fitness: :func:`~trainlab.compress.calibrate.staged_kl_fitness`."""
-    allowed = {"generations", "offspring", "survivors", "max_step"}
-    if set(options) - allowed:
-        raise ValueError(f"unknown options for evopress: {sorted(set(options) - allowed)}")
-    start = None
-    if avg_bits not in _check_choices(choices):
-        start = hawq_allocate(dict.fromkeys(sizes, 1.0), pert, sizes, avg_bits)
-    fitness = staged_kl_fitness(model, calibration, lambda name, b: db[name][b])
-
-    generations = int(options.get("generations", 50))
-    bar = tqdm(total=generations, desc="evopress bits", disable=not progress, leave=False)
-    out = evopress_bits(sizes, avg_bits, fitness, choices, start, seed=seed, progress=bar.update, **options)
-    bar.close()
-    return out
-
-
-def evaluate_mixed(
-    model: nn.Module,
-    evaluate: Callable[[nn.Module], float],
-    allocator: str,
-    avg_bits: float,
-    calibration: Sequence[torch.Tensor] = (),
-    **kwargs: object,
-) -> tuple[float, MixedPrecision]:
-    """``evaluate`` (e.g. ``workload.evaluate``) of a copy of ``model`` quantized by :func:`quantize_mixed`
-    (``model`` is not modified), with the quantization result."""
-    result = quantize_mixed(model, allocator, avg_bits, calibration, **kwargs)
-    return evaluate(result.apply(copy.deepcopy(model))), result
-
-
 # ---------------------------------------------------------------------------------------------------------
 # registered: the BAQ quantizer (per-column bits) and the bit allocators (a model and average bits in, a Plan out)
 
@@ -733,20 +586,19 @@ def _user_loss(allocation: Allocation, batches: int) -> LossOf | None:
     return lambda m: sum(allocation.loss(m, b) for b in picked) / len(picked)
 
 
-def _mixed_plan(allocation: Allocation, allocator: str, bits: float, **options: Any) -> Plan:
-    _per_layer_quantizer(allocation, allocator)
-    picked = quantize_mixed(
-        allocation.model,
-        allocator,
-        bits,
-        allocation.calibration,
-        second_order=allocation.second_order,
-        group_size=allocation.group_size,
-        progress=allocation.progress,
-        layers=allocation.layers,
-        **options,
-    ).bits
-    return Plan.from_levels(allocation.compressor, picked)
+def _measured(
+    allocation: Allocation, choices: Sequence[int]
+) -> tuple[dict[str, dict[int, torch.Tensor]], dict[str, dict[int, float]], dict[str, int]]:
+    """The quantized weight of every layer at each of ``choices`` bits (RTN, or GPTQ with second order, on the
+    symmetric uniform grid of ``rtn``), its squared perturbation ``||Q_b(W) - W||^2`` and the layer sizes."""
+    layers = allocation.layers
+    hessians = None
+    if allocation.second_order:
+        allocation.require_calibration("second_order")
+        hessians = collect_hessians(allocation.model, allocation.calibration, layers)
+    db = bit_database(allocation.model, choices, hessians=hessians, group_size=allocation.group_size, layers=layers)
+    pert = {n: {b: float((q - layers[n].weight.detach()).square().sum()) for b, q in db[n].items()} for n in db}
+    return db, pert, {n: m.weight.numel() for n, m in layers.items()}
 
 
 @register_allocator("uniform", paper="(baseline)", summary="every layer at the same whole bit-width", budget="bits")
@@ -768,11 +620,25 @@ def uniform_bits(allocation: Allocation, bits: float) -> Plan:
         "seed": Hyperparameter(0, low=0, high=2**63 - 1),
     },
 )
-def hawq_bits(allocation: Allocation, bits: float, hessian_batches: int = 1, **options: Any) -> Plan:
-    """Sensitivities of the user's loss (or the KL to the dense outputs) on the first ``hessian_batches``."""
+def hawq_bits(
+    allocation: Allocation,
+    bits: float,
+    choices: Sequence[int] = DEFAULT_CHOICES,
+    sensitivity: str = "eigenvalue",
+    hessian_batches: int = 1,
+    seed: int = 0,
+) -> Plan:
+    """Sensitivities of the user's loss (default: the KL to the dense outputs) on the first ``hessian_batches``
+    calibration batches; the exact knapsack of :func:`hawq_allocate` over ``choices``."""
+    _per_layer_quantizer(allocation, "hawq")
     allocation.require_calibration("hawq")
+    _check_avg_bits(bits)
+    _, pert, sizes = _measured(allocation, _check_choices(choices))
     loss_fn = _user_loss(allocation, hessian_batches)
-    return _mixed_plan(allocation, "hawq", bits, loss_fn=loss_fn, hessian_batches=hessian_batches, **options)
+    if loss_fn is None:
+        loss_fn = kl_loss(allocation.model, list(allocation.calibration)[: max(1, hessian_batches)])
+    sens = hawq_sensitivities(allocation.model, loss_fn, allocation.layers, sensitivity, seed=seed)
+    return Plan.from_levels(allocation.compressor, hawq_allocate(sens, pert, sizes, bits))
 
 
 @register_allocator(
@@ -790,9 +656,29 @@ def hawq_bits(allocation: Allocation, bits: float, hessian_batches: int = 1, **o
         "seed": Hyperparameter(0, low=0, high=2**63 - 1),
     },
 )
-def evopress_bits_plan(allocation: Allocation, bits: float, **options: Any) -> Plan:
+def evopress_bits_plan(
+    allocation: Allocation,
+    bits: float,
+    choices: Sequence[int] = DEFAULT_CHOICES,
+    generations: int = 50,
+    seed: int = 0,
+    **search: Any,
+) -> Plan:
+    """Start: every layer at ``bits`` when that is a choice, else the exact DP on the weight perturbation;
+    fitness: :func:`~trainlab.compress.calibrate.staged_kl_fitness` on the calibration batches."""
+    _per_layer_quantizer(allocation, "evopress")
     allocation.require_calibration("evopress")
-    return _mixed_plan(allocation, "evopress", bits, **options)
+    _check_avg_bits(bits)
+    choices = _check_choices(choices)
+    db, pert, sizes = _measured(allocation, choices)
+    start = None if bits in choices else hawq_allocate(dict.fromkeys(sizes, 1.0), pert, sizes, bits)
+    fitness = staged_kl_fitness(allocation.model, allocation.calibration, lambda name, b: db[name][b])
+    bar = tqdm(total=generations, desc="evopress bits", disable=not allocation.progress, leave=False)
+    picked = evopress_bits(
+        sizes, bits, fitness, choices, start, generations=generations, seed=seed, progress=bar.update, **search
+    )
+    bar.close()
+    return Plan.from_levels(allocation.compressor, picked)
 
 
 @register_allocator(
