@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from trainlab.compress.prune import check_sparsity
 from trainlab.compress.registry import compressor_names, get_compressor, register_compressor
+from trainlab.compress.storage import load, read_metadata, save
 
 SYNFLOW_ROUNDS = 100  # SynFlow paper's default for iterative pruning
 _METADATA_KEY = "trainlab.structured.architecture"
@@ -299,19 +298,18 @@ METHODS = tuple(compressor_names("structured"))
 
 
 def save_structured(model: nn.Module, path: str | Path) -> None:
-    """Write ``model``'s tensors to a safetensors file with its layer widths in the metadata."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={_METADATA_KEY: json.dumps(architecture(model))})
+    """Write ``model``'s tensors (:func:`trainlab.compress.storage.save`: atomic, tied weights once) with its layer
+    widths in the metadata."""
+    save(path, model.state_dict(), metadata={_METADATA_KEY: json.dumps(architecture(model))})
 
 
 def load_structured(path: str | Path) -> nn.Sequential:
     """Rebuild the model written by :func:`save_structured`."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if _METADATA_KEY not in meta:
-            raise ValueError(f"{path} has no {_METADATA_KEY!r} metadata: not written by save_structured")
-        model = build(json.loads(meta[_METADATA_KEY]))
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    meta = read_metadata(path)
+    if _METADATA_KEY not in meta:
+        raise ValueError(f"{path} has no {_METADATA_KEY!r} metadata: not written by save_structured")
+    model = build(json.loads(meta[_METADATA_KEY]))
+    state, _ = load(path)
     model.load_state_dict(state, assign=True)  # keeps the file's dtypes (float64 stays float64)
     return model
 
