@@ -360,7 +360,7 @@ def _mixed_pylm() -> dict:
         result = compress(model, allocate_plan(allocator, model, bits=3, calibration=calib, **kw), calibration=calib)
         bits = {k: (v if isinstance(v, int) else round(v, 3)) for k, v in result.bits.items()}
         with torch.no_grad():
-            kl = calibration_kl(quantized).item()
+            kl = calibration_kl(result.model).item()
         return {
             "val bits/byte": round(w.evaluate(quantized), 4),
             "calibration KL": round(kl, 5),
