@@ -362,9 +362,9 @@ def _mixed_pylm() -> dict:
         with torch.no_grad():
             kl = calibration_kl(result.model).item()
         return {
-            "val bits/byte": round(w.evaluate(quantized), 4),
+            "val bits/byte": round(w.evaluate(result.model), 4),
             "calibration KL": round(kl, 5),
-            "mean bits": round(mp.mean_bits, 4),
+            "mean bits": round(result.report.mean_bits, 4),
             "bits per layer": bits,
         }
 
