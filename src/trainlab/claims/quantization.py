@@ -356,8 +356,9 @@ def _mixed_pylm() -> dict:
     calib = calibration_inputs(w, 8)
     calibration_kl = kl_loss(model, calib)
 
-    def run(allocator: str, **kw: object) -> dict:
-        result = compress(model, allocate_plan(allocator, model, bits=3, calibration=calib, **kw), calibration=calib)
+    def run(allocator: str, second_order: bool = False, options: dict | None = None, **kw: object) -> dict:
+        plan = allocate_plan(allocator, model, bits=3, calibration=calib, second_order=second_order, **kw)
+        result = compress(model, plan, calibration=calib, second_order=second_order, options=options)
         bits = {k: (v if isinstance(v, int) else round(v, 3)) for k, v in result.bits.items()}
         with torch.no_grad():
             kl = calibration_kl(result.model).item()
@@ -374,7 +375,7 @@ def _mixed_pylm() -> dict:
         "baq": run("baq"),
         "evopress": run("evopress"),
         "uniform rtn": run("uniform"),
-        "uniform gptq asym": run("uniform", second_order=True, symmetric=False),
+        "uniform gptq asym": run("uniform", second_order=True, options={"rtn": {"symmetric": False}}),
         "dense": round(w.evaluate(model), 4),
     }
 
