@@ -148,3 +148,30 @@ def test_hyperparameters_are_validated_by_the_spec():
         compress(model, [(".*", "gwq", 3)], calibration=_batches(), loss=_loss, options={"gwq": {"fraction": 2}})
     result = compress(model, [(".*", "gwq", 3)], calibration=_batches(), loss=_loss, options={"gwq": {"fraction": 0.1}})
     assert all(len(q.indices) == math.ceil(0.1 * q.base.codes.numel()) for q in result.weights.values())
+
+
+def test_a_new_quantizer_is_one_registered_function(monkeypatch):
+    """What a new quantizer's file holds: one decorated function. The plans, the allocators, the front door and
+    the CLI take it from the registry with nothing else edited."""
+    import argparse
+
+    from trainlab.cli.compress import add_parser
+    from trainlab.compress import registry
+    from trainlab.compress.quant.grids import QuantizedWeight, UniformGrid
+
+    monkeypatch.setattr(registry, "_COMPRESSORS", dict(registry._COMPRESSORS))
+
+    @registry.register_compressor(
+        "asym-rtn", paper="(test)", summary="asymmetric RTN", kind="quantizer", level="bits", grouped=True
+    )
+    def asym_rtn(weight: torch.Tensor, *, bits: int, group_size: int | None = None) -> QuantizedWeight:
+        return UniformGrid(bits, symmetric=False, group_size=group_size).quantize(weight)
+
+    model, calib = _model(), _batches()
+    result = compress(model, [(".*", "asym-rtn", 3.0)], group_size=16)
+    weight = result.model[2].weight
+    assert max(len(torch.unique(g)) for g in weight.reshape(-1, 16)) <= 8 and result.report.mean_bits == 3
+    plan = allocate_plan("hawq", model, bits=3.5, calibration=calib, compressor="asym-rtn")
+    assert {r.compressor for r in plan.rules} == {"asym-rtn"}
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    assert "asym-rtn" in next(a.choices for a in parser._actions if a.dest == "method")
