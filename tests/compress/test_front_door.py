@@ -115,6 +115,20 @@ def test_second_order_reaches_the_bit_allocators(monkeypatch):
         allocate_plan("uniform", model, sparsity=0.5, second_order=True)
 
 
+def test_hawq_measures_the_users_loss_when_given_one():
+    model, calib = Net(), _batches()
+    calls = []
+
+    def loss(m, batch):
+        calls.append(len(batch[0]))
+        return _loss(m, batch)
+
+    plan = allocate_plan("hawq", model, bits=3, calibration=calib, loss=loss, hessian_batches=2)
+    assert calls and set(calls) == {64}  # the sensitivities differentiate the user's loss on the batches
+    sizes = {k: m.weight.numel() for k, m in compressible_layers(model).items()}
+    assert sum(r.level * sizes[r.pattern] for r in plan.rules) == 3 * sum(sizes.values())
+
+
 def test_baq_plan_then_compress_is_baq():
     model, calib = Net(), _batches()
     plan = allocate_plan("baq", model, bits=3, calibration=calib, exclude="embed")
