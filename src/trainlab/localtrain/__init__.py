@@ -4,7 +4,7 @@ One front door: ``create(name, model, num_classes=C, **hyperparameters)`` return
 ``step(inputs, labels)`` and a ``predictor`` module; ``method_names()`` and ``get_spec(name)`` read the registry.
 """
 
-from trainlab.localtrain import eggroll, forward_forward, mono_forward  # noqa: F401  (registration side effect)
+from trainlab.localtrain import eggroll, forward_forward, forward_gnn, gbnn, mono_forward, noprop  # noqa: F401  (registration side effect)
 from trainlab.localtrain.core import LocalTrainer, split_blocks, train_blocks_locally
 from trainlab.localtrain.registry import Between, LocalSpec, create, get_spec, method_names, register_method
 

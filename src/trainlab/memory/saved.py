@@ -50,9 +50,13 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor | _Held:
-        if t.untyped_storage().data_ptr() in self._excluded:
+        if t.layout == torch.sparse_coo:  # no storage of its own: its values and indices count
+            values, indices = t._values(), t._indices()
+            key = (values.data_ptr(), values.nbytes + indices.nbytes)
+        elif t.untyped_storage().data_ptr() in self._excluded:
             return t
-        key = (t.data_ptr(), t.numel() * t.element_size())
+        else:
+            key = (t.data_ptr(), t.numel() * t.element_size())
         if key not in self._refs:
             self.live_bytes += key[1]
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
