@@ -214,7 +214,7 @@ def _check_hyperparameters(owner: str, declared: Mapping[str, Hyperparameter], v
 
 _COMPRESSORS: dict[str, CompressorSpec] = {}
 _ALLOCATORS: dict[tuple[str, str], AllocatorSpec] = {}
-_loaded = False
+_loaded = _loading = False
 
 
 def _frozen_needs(needs: Sequence[str]) -> frozenset[str]:
@@ -280,14 +280,21 @@ def register_allocator(
 
 
 def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
+    """Import the registering modules once; a lookup made while they import (a module reading the registry at
+    import time) sees what is registered so far, and a failed import is raised again at the next lookup."""
+    global _loaded, _loading
+    if _loaded or _loading:
+        return
+    _loading = True
+    try:
         for module in _REGISTERING:
             importlib.import_module(module)
         package = importlib.import_module(QUANTIZER_PACKAGE)
         for info in pkgutil.iter_modules(package.__path__, f"{QUANTIZER_PACKAGE}."):
             importlib.import_module(info.name)
+        _loaded = True
+    finally:
+        _loading = False
 
 
 def compressor_names(kind: str | None = None) -> list[str]:
