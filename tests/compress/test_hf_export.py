@@ -128,6 +128,39 @@ def test_export_is_smaller_and_replaces_an_existing_directory(tmp_path):
     assert torch.equal(back.pooler.dense.weight, packed["pooler.dense"].dequantize())
 
 
+def test_pruned_then_quantized_layers_keep_their_zeros(tmp_path):
+    """GPTQ moves pruned weights off zero and the front door's mask clears them: the export writes the zero code
+    there, so transformers' reload matches the compressed model, zeros included; a trainlab file (codes + mask)
+    exports the same way."""
+    from trainlab.compress import compress
+    from trainlab.compress.quant.apply import save_quantized_model
+
+    model = _tiny_bert()
+    plan = [(r"encoder\..*", "magnitude", 0.5), (".*", "rtn", 4)]
+    result = compress(model, plan, calibration=[{"input_ids": IDS}], second_order=True, group_size=32)
+    masked = {n: m for n, m in _linears(result.model).items() if hasattr(m, "sparsity_mask")}
+    assert len(masked) == 12
+    moved = sum(
+        int((q.dequantize()[~masked[n].sparsity_mask] != 0).sum()) for n, q in result.weights.items() if n in masked
+    )
+    assert moved > 0  # the case this test is about
+    back = transformers.AutoModel.from_pretrained(
+        save_pretrained_compressed(result.model, result.weights, tmp_path / "a")
+    )
+    with torch.no_grad():
+        expected, got = result.model(input_ids=IDS).last_hidden_state, back(input_ids=IDS).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    loaded = _linears(back)
+    assert all(torch.equal(loaded[n].weight, m.weight) for n, m in _linears(result.model).items())
+
+    save_quantized_model(result, tmp_path / "own.safetensors")
+    _, packed = load(tmp_path / "own.safetensors")
+    assert packed["encoder.layer.0.output.dense.weight"].kind == "masked"
+    again = transformers.AutoModel.from_pretrained(save_pretrained_compressed(model, packed, tmp_path / "b"))
+    again(input_ids=IDS)
+    assert all(torch.equal(_linears(again)[n].weight, m.weight) for n, m in _linears(result.model).items())
+
+
 def test_formats_without_a_compressed_tensors_equivalent_are_refused(tmp_path):
     model = _tiny_bert()
     name = "pooler.dense"

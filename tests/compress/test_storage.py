@@ -24,7 +24,7 @@ from trainlab.compress.quant.mixed import baq_quantize
 from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq
-from trainlab.compress.sparse_formats import encode_sparse
+from trainlab.compress.sparse_formats import MaskedWeight, encode_sparse
 from trainlab.compress.storage import META_KEY, dequantized, load, read_metadata, retie, save
 
 
@@ -51,6 +51,7 @@ def _one_of_each_kind() -> dict:
         "bitmask": encode_sparse(w * mask, mask, "bitmask"),
         "csr": encode_sparse(w * mask, mask, "csr"),
         "nm": encode_sparse(w * nm_mask.reshape(24, 32), nm_mask.reshape(24, 32), "auto", (2, 4)),
+        "masked": MaskedWeight(quantize_rtn(w, 4), mask, None),
     }
 
 
@@ -153,6 +154,32 @@ def test_pruned_export_of_a_tied_model_keeps_the_tie(tmp_path):
     assert reloaded.lm_head.weight is reloaded.embed.weight
     assert torch.equal(get_mask(reloaded.lm_head), get_mask(model.lm_head))
     assert torch.equal(reloaded(IDS), model(IDS))
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_pruned_and_quantized_layers_keep_their_zeros_and_masks_through_the_file(tmp_path, second_order):
+    """A layer pruned then quantized is stored as its codes plus its mask (GPTQ may move pruned weights off zero:
+    the mask clears them); a layer only pruned is stored sparse; both masks come back armed."""
+    from trainlab.compress import compress
+
+    model = TiedLM(tie=False)
+    calibration = [IDS, IDS.flip(0)]
+    plan = [("hidden", "magnitude", 0.5), ("hidden", "rtn", 3), ("lm_head", "nm", "2:4")]
+    result = compress(model, plan, calibration=calibration, second_order=second_order)
+    path = tmp_path / "pq.safetensors"
+    size = save_quantized_model(result, path)
+    _, packed = load(path)
+    assert packed["hidden.weight"].kind == "masked" and packed["lm_head.weight"].kind == "nm"
+    hidden = packed["hidden.weight"]
+    assert size == hidden.nbytes() + packed["lm_head.weight"].nbytes() + _plain_bytes(
+        model, skip={"hidden.weight", "lm_head.weight"}
+    ) + header_bytes(path)
+    reloaded = load_quantized_model(path, lambda: TiedLM(tie=False))
+    assert torch.equal(get_mask(reloaded.hidden), get_mask(result.model.hidden))
+    assert torch.equal(get_mask(reloaded.lm_head), get_mask(result.model.lm_head))
+    for (k, a), b in zip(result.model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert bool((reloaded.hidden.weight[~get_mask(reloaded.hidden)] == 0).all())
 
 
 def test_writes_are_atomic(tmp_path):

@@ -1,61 +1,101 @@
-"""Compact export of pruned models and the loader that rebuilds them, through :mod:`trainlab.compress.storage`.
+"""Save a compressed model and rebuild it, through :mod:`trainlab.compress.storage`.
 
-Each masked layer's weight is stored in the smallest sparse encoding (:func:`..sparse_formats.encode_sparse`:
-bitmask, CSR, or N:M for layers pruned N:M); every other tensor is stored unchanged, tied weights once.
-:func:`load_compressed` rebuilds the exact weights, re-arms the masks (with their N:M patterns) and restores
-the ties.
+:func:`save_model` stores every quantized layer's packed object (wrapped with its pruning mask when the layer is
+also pruned, :class:`~.sparse_formats.MaskedWeight`), every other masked layer's weight in the smallest sparse
+encoding (:func:`~.sparse_formats.encode_sparse`: bitmask, CSR, or N:M for layers pruned N:M), every other tensor
+unchanged and tied weights once. :func:`load_model` rebuilds the exact weights, re-arms the masks (with their N:M
+patterns) and restores the ties. :func:`save_compressed` / :func:`load_compressed` are the pruning-only names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from trainlab.compress.masks import apply_mask, mask_pattern, masked_layers
+from trainlab.compress.formats import Packed
+from trainlab.compress.masks import apply_mask, get_mask, mask_pattern, masked_layers
 from trainlab.compress.registry import parse_pattern
-from trainlab.compress.sparse_formats import SPARSE_FORMATS, encode_sparse
+from trainlab.compress.sparse_formats import MASKED_FORMATS, SPARSE_FORMATS, MaskedWeight, encode_sparse
 from trainlab.compress.storage import dequantized, load, packed_ties, retie, save, shared_aliases, tied_aliases
 
 FORMATS = SPARSE_FORMATS
 
 
-def save_dense(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> int:
+def _weight_key(name: str) -> str:
+    return f"{name}.weight" if name else "weight"
+
+
+def save_dense(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> int:
     """The plain state dict (tied weights once); returns the file size in bytes."""
     return save(path, model.state_dict(), metadata=metadata)
 
 
-def save_compressed(
-    model: nn.Module, path: str | Path, fmt: str = "auto", metadata: dict[str, str] | None = None
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    packed: Mapping[str, Packed] | None = None,
+    *,
+    fmt: str = "auto",
+    metadata: Mapping[str, str] | None = None,
 ) -> int:
-    """Save ``model`` with its masked layers encoded compactly; returns the file size in bytes.
-    ``fmt``: ``auto`` (N:M layers as ``nm``, others the smaller of bitmask/CSR), ``bitmask`` or ``csr``."""
+    """Save ``model`` with the quantized layers' ``packed`` objects (keyed by module name, e.g. a compression
+    result's ``weights``) and its other masked layers encoded sparse; returns the file size in bytes.
+    ``fmt`` (masked layers that are not quantized): ``auto`` (N:M layers as ``nm``, others the smaller of
+    bitmask/CSR), ``bitmask`` or ``csr``."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    packed = dict(packed or {})
+    modules = dict(model.named_modules())
+    unknown = sorted(set(packed) - set(modules))
+    if unknown:
+        raise ValueError(f"packed names modules the model does not have: {unknown}")
     state = model.state_dict()
-    packed = {}
+    stored: dict[str, Any] = {}
+    for name, q in packed.items():
+        state.pop(_weight_key(name))
+        mask = get_mask(modules[name])
+        stored[_weight_key(name)] = q if mask is None else MaskedWeight(q, mask, mask_pattern(modules[name]))
     for name, module in masked_layers(model).items():
-        key = f"{name}.weight" if name else "weight"
-        pattern = mask_pattern(module)
-        nm = parse_pattern(pattern) if pattern is not None else None
-        packed[key] = encode_sparse(state.pop(key), module.sparsity_mask, fmt, nm)
-    return save(path, state, packed, metadata, packed_ties(tied_aliases(model), state, packed))
+        if name not in packed:
+            pattern = mask_pattern(module)
+            nm = parse_pattern(pattern) if pattern is not None else None
+            stored[_weight_key(name)] = encode_sparse(state.pop(_weight_key(name)), module.sparsity_mask, fmt, nm)
+    return save(path, state, stored, metadata, packed_ties(tied_aliases(model), state, stored))
 
 
-def load_compressed(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
-    """Rebuild the model saved by :func:`save_compressed`: exact weights, masks (and N:M patterns) re-armed,
-    tied weights tied again."""
+def load_model(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
+    """A fresh ``make_model()`` with the file's weights (packed layers dequantized, conv kernels reshaped back, in
+    the model's dtypes), its masks re-armed and its tied weights tied again."""
     state, packed = load(path)
     model = make_model()
+    own = model.state_dict()
     full = dequantized(state, packed)
-    model.load_state_dict(full)
+    missing = sorted(set(full) - set(own))
+    if missing:
+        raise ValueError(f"{path} holds tensors the model from make_model lacks: {missing[:5]}")
+    model.load_state_dict({k: v.reshape(own[k].shape).to(own[k].dtype) for k, v in full.items()})
     retie(model, shared_aliases(full))
     modules = dict(model.named_modules())
     done = set()
-    for key, enc in packed.items():
-        if id(enc) in done:
-            continue
-        done.add(id(enc))
-        apply_mask(modules[key.rsplit(".", 1)[0] if "." in key else ""], enc.mask, enc.pattern)
+    for key, obj in packed.items():
+        if isinstance(obj, MASKED_FORMATS) and id(obj) not in done:
+            done.add(id(obj))
+            module = modules[key.rsplit(".", 1)[0] if "." in key else ""]
+            apply_mask(module, obj.mask.reshape(module.weight.shape), obj.pattern)
     return model
+
+
+def save_compressed(
+    model: nn.Module, path: str | Path, fmt: str = "auto", metadata: Mapping[str, str] | None = None
+) -> int:
+    """Save a pruned ``model`` with its masked layers encoded compactly (:func:`save_model` with nothing
+    quantized); returns the file size in bytes."""
+    return save_model(model, path, fmt=fmt, metadata=metadata)
+
+
+def load_compressed(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild the model saved by :func:`save_compressed` (:func:`load_model`)."""
+    return load_model(path, make_model)

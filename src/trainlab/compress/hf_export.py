@@ -15,14 +15,17 @@ exactly trainlab's dequantized weights. The mapping of trainlab's codes onto tha
   exact in float32 and float16).
 
 Pruned weights are written dense (zeros included): compressed-tensors 0.20 no longer writes its sparse-bitmask
-format. Formats with no compressed-tensors equivalent (power grids, trit-planes, vector quantization, outliers,
-per-column bits) raise a ValueError; :func:`trainlab.compress.storage.save` keeps them in trainlab's own format.
+format. A layer pruned and then quantized gets the zero code at its pruned positions (exactly 0 on symmetric
+grids), so its zeros survive. Formats with no compressed-tensors equivalent (power grids, trit-planes, vector
+quantization, outliers, per-column bits) raise a ValueError; :func:`trainlab.compress.storage.save` keeps them in
+trainlab's own format.
 Needs the ``hf`` extra (``transformers`` and ``compressed-tensors``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -34,8 +37,9 @@ import torch
 from torch import nn
 
 from trainlab.compress.formats import Packed
+from trainlab.compress.masks import get_mask
 from trainlab.compress.quant.grids import QuantizedWeight
-from trainlab.compress.sparse_formats import BitmaskWeight, CSRWeight, NMWeight
+from trainlab.compress.sparse_formats import BitmaskWeight, CSRWeight, MaskedWeight, NMWeight
 
 NO_EQUIVALENT = {
     "power": "a power-companding grid (NUPES)",
@@ -80,6 +84,9 @@ def _check(model: nn.Module, packed: Mapping[str, Packed]) -> tuple[dict[str, Qu
         if isinstance(q, BitmaskWeight | CSRWeight | NMWeight):
             pruned[name] = q
             continue
+        mask = get_mask(module)
+        if isinstance(q, MaskedWeight):
+            q, mask = q.base, q.mask
         if type(q) is not QuantizedWeight:
             raise ValueError(f"packed[{key!r}] is a {type(q).__name__}; the Hugging Face export writes uniform grids")
         if not q.symmetric:
@@ -107,6 +114,8 @@ def _check(model: nn.Module, packed: Mapping[str, Packed]) -> tuple[dict[str, Qu
             raise ValueError(
                 f"packed[{key!r}]: the weight is tied to {tied}; leave tied weights unquantized for this export"
             )
+        if mask is not None:  # pruned, then quantized: the zero code dequantizes to exactly 0 (symmetric grids)
+            q = dataclasses.replace(q, codes=q.codes.masked_fill(~mask.reshape(q.shape), 2 ** (q.bits - 1)))
         quantized[name] = q
     return quantized, pruned
 

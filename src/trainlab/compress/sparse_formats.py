@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from trainlab.compress.bits import pack_bits, unpack_bits
-from trainlab.compress.formats import register_format
+from trainlab.compress.formats import format_of, register_format
 
 SPARSE_FORMATS = ("auto", "bitmask", "csr")
 
@@ -203,3 +203,46 @@ def encode_sparse(
         crow[1:] = torch.bincount(r, minlength=rows.shape[0]).cumsum(0)
         return CSRWeight(tuple(w.shape), crow, c.to(torch.int32), rows[mrows])
     return BitmaskWeight(mask.clone(), w[mask])
+
+
+@register_format("masked")
+@dataclass(frozen=True)
+class MaskedWeight:
+    """A pruned and quantized weight: any packed ``base`` (grid codes, trit-planes, ...) and the pruning ``mask``
+    (bool, the weight's shape) that zeroes it, so the zeros stay zeros whatever the quantizer put there. Stored as
+    the base's own tensors plus ``bitmask`` (8 entries a byte); ``pattern``: ``"N:M"`` for N:M masks."""
+
+    base: Any
+    mask: torch.Tensor
+    pattern: str | None = None
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        parts = self.base.to_tensors(prefix)
+        if f"{prefix}bitmask" in parts:
+            raise ValueError(f"a {self.base.kind} base already stores a bitmask; it cannot be masked again")
+        return {**parts, f"{prefix}bitmask": pack_bits(self.mask.to(torch.uint8), 1)}
+
+    def metadata(self) -> dict[str, Any]:
+        base = {"kind": self.base.kind, **self.base.metadata()}
+        return {"base": base, "shape": list(self.mask.shape), "pattern": self.pattern}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, metadata: Mapping[str, Any]
+    ) -> MaskedWeight:
+        base_meta = metadata["base"]
+        base = format_of(base_meta["kind"]).from_tensors(tensors, prefix, base_meta)
+        shape = metadata["shape"]
+        mask = unpack_bits(tensors[f"{prefix}bitmask"], 1, math.prod(shape)).bool().reshape(shape)
+        return cls(base, mask, metadata["pattern"])
+
+    def nbytes(self) -> int:
+        return self.base.nbytes() + math.ceil(self.mask.numel() / 8)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base's weight, in the mask's shape, times the mask."""
+        w = self.base.dequantize(dtype).reshape(self.mask.shape)
+        return w * self.mask.to(w.dtype)
+
+
+MASKED_FORMATS = (BitmaskWeight, CSRWeight, NMWeight, MaskedWeight)  # the formats that carry a pruning mask
