@@ -30,6 +30,10 @@ class LayerStatistics:
     bias: Tensor | None
     inputs: Tensor | None = None  # ā: batch-mean input (spatial mean for conv), with a 1 for the bias
     output_grads: Tensor | None = None  # ḡ: batch-mean of n·∂loss/∂output, n = rows (undoes mean losses)
+    # ḡ before the clamp and the largest |entry| it clamped: an optimizer that learns at step time that the
+    # gradients were scaled (GradScaler) unscales ḡ exactly whenever the clamp did not cut the unscaled rows.
+    output_grads_unclamped: Tensor | None = None
+    output_grads_peak: Tensor | None = None
 
 
 class LayerObserver:
@@ -93,6 +97,8 @@ class LayerObserver:
         def grad_hook(grad: Tensor) -> None:
             g = grad.detach()
             g = g.flatten(2).mean(-1) if isinstance(module, nn.Conv2d) else g.reshape(-1, g.shape[-1])
-            stats.output_grads = (g * g.shape[0]).clamp(-clip, clip).mean(0)
+            rows = g * g.shape[0]
+            stats.output_grads = rows.clamp(-clip, clip).mean(0)
+            stats.output_grads_unclamped, stats.output_grads_peak = rows.mean(0), rows.abs().amax()
 
         output.register_hook(grad_hook)

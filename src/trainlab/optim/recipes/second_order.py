@@ -260,7 +260,8 @@ class MKOR(ChainOptimizer):
                 if bias is None or id(bias) not in ours or bias.grad is None:
                     bias = None
                 backward = self._backward_norms.pop(id(w), None)
-                unscale = None if backward is None else torch.linalg.vector_norm(w.grad) / backward
+                ratio = None if backward is None else torch.linalg.vector_norm(w.grad) / backward
+                unscale = None if ratio is None else torch.nan_to_num(ratio, nan=1.0, posinf=1.0)
                 prefix = chain_.prefixes[0]
                 own = {k[len(prefix) :]: v for k, v in self.state[w].items() if k.startswith(prefix)}
                 self.preconditioner.precondition(w, bias, own, group, unscale)

@@ -207,7 +207,12 @@ class PreconditionMKOR(GradientTransform):
         if t % group["inv_freq"] == 0 or t < group["warmup_steps"]:
             if stats.inputs is None or stats.output_grads is None:
                 raise RuntimeError("mkor found no layer statistics: run forward and backward before step")
-            output_grads = stats.output_grads if unscale is None else stats.output_grads * unscale
+            output_grads = stats.output_grads
+            if unscale is not None:  # the clamp of the unscaled rows, exact unless it cut them
+                clip = self.observer.clipping
+                unclamped = stats.output_grads_unclamped * unscale
+                exact = stats.output_grads_peak * unscale <= clip
+                output_grads = torch.where(exact, unclamped, unclamped.clamp(-clip, clip))
             self._refresh(left, stats.inputs, reset, group)
             self._refresh(right, output_grads, reset, group)
             too_big = torch.maximum(left.abs().max(), right.abs().max()) > 2
