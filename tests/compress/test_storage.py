@@ -25,7 +25,7 @@ from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq
 from trainlab.compress.sparse_formats import MaskedWeight, encode_sparse
-from trainlab.compress.storage import META_KEY, dequantized, load, read_metadata, retie, save
+from trainlab.compress.storage import META_KEY, dequantized, load, read_metadata, retie, save, shared_aliases
 
 
 def header_bytes(path) -> int:
@@ -192,6 +192,15 @@ def test_writes_are_atomic(tmp_path):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     save(path, {"a": torch.zeros(4)})
     assert torch.equal(load(path)[0]["a"], torch.zeros(4))
+
+
+def test_only_real_sharing_makes_an_alias(tmp_path):
+    w = torch.randn(4, 4)
+    views = {"a": w, "b": w.view(4, 4), "t": w.t(), "row": w[1], "e1": torch.empty(0), "e2": torch.empty(0)}
+    assert shared_aliases(views) == {"b": "a"}  # same memory, same view; transposes, slices and empties are not
+    save(tmp_path / "v.safetensors", views)  # overlapping views are stored as copies (safetensors refuses sharing)
+    state, _ = load(tmp_path / "v.safetensors")
+    assert state["b"] is state["a"] and all(torch.equal(state[k], v) for k, v in views.items())
 
 
 def test_dequantized_shares_one_tensor_between_aliases(tmp_path):

@@ -39,7 +39,8 @@ LEGACY_KEYS = ("trainlab.quant", "trainlab.sparse", "trainlab.baq")
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
-        a.device == b.device
+        a.numel() > 0  # empty tensors have no memory to share
+        and a.device == b.device
         and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
         and a.storage_offset() == b.storage_offset()
         and a.shape == b.shape
