@@ -182,6 +182,7 @@ def compress(
     loss: Loss | None = None,
     exclude: str | Iterable[str] = (),
     second_order: bool = False,
+    sequential: bool = False,
     group_size: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     hessians: Mapping[str, torch.Tensor] | None = None,
@@ -193,14 +194,19 @@ def compress(
     ``calibration``: batches for the compressors that need them (Hessians for second order and ``vptq``/``baq``,
     gradients for ``gwq``); ``loss(model, batch) -> scalar`` for gradient-aware compressors (default: the
     output's own ``.loss``); ``exclude``: layer names or regexes left dense; ``second_order``: GPTQ-style error
-    compensation for the quantizers that offer it; ``group_size``: quantization groups of input columns;
-    ``options``: ``{compressor: {hyperparameter: value}}``; ``hessians`` / ``gradients``: precomputed per-layer
-    measurements (layer name -> tensor), used instead of measuring them on ``calibration``.
+    compensation for the quantizers that offer it; ``sequential``: with second order, each layer's Hessian is
+    measured on what the already-compressed earlier layers produce, layer by layer in forward order (the GPTQ
+    reference's calibration; default: every Hessian on the dense model in one pass, see docs/compression.md);
+    ``group_size``: quantization groups of input columns; ``options``: ``{compressor: {hyperparameter: value}}``;
+    ``hessians`` / ``gradients``: precomputed per-layer measurements (layer name -> tensor), used instead of
+    measuring them on ``calibration``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(second_order, bool):
         raise ValueError(f"second_order must be True or False, got {second_order!r}")
+    if not isinstance(sequential, bool):
+        raise ValueError(f"sequential must be True or False, got {sequential!r}")
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     calibration = list(calibration or ())
     check_group_size(group_size)
@@ -225,13 +231,22 @@ def compress(
 
     out = copy.deepcopy(model)
     out_layers = compressible_layers(out)
+    if sequential and (not hessian_layers or hessians is not None):
+        raise ValueError(
+            "sequential=True measures second-order Hessians layer by layer: it needs a quantizer with second order "
+            "(second_order=True) and calibration batches, not precomputed hessians="
+        )
     if hessian_layers and hessians is None:
         if not calibration:
             names = sorted({quantizers[n] for n in hessian_layers})
             raise ValueError(f"second-order compensation ({', '.join(names)}) needs calibration inputs (calibration=)")
-        from trainlab.compress.quant.gptq import collect_hessians
+        if not sequential:
+            from trainlab.compress.quant.gptq import collect_hessians
 
-        hessians = collect_hessians(out, calibration, {n: out_layers[n] for n in hessian_layers})
+            hessians = collect_hessians(out, calibration, {n: out_layers[n] for n in hessian_layers})
+    missing = [] if hessians is None else [n for n in hessian_layers if n not in hessians]
+    if missing:
+        raise ValueError(f"hessians lacks layers {missing}, which second-order quantization needs")
     if gradient_layers and gradients is None:
         if not calibration:
             raise ValueError("gradient-aware quantization needs calibration batches (calibration=) and a loss")
@@ -257,13 +272,15 @@ def compress(
                       stacklevel=2)  # fmt: skip
 
     packed, bits = {}, {}
-    for name, compressor in quantizers.items():
+
+    def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
+        compressor = quantizers[name]
         spec, module = specs[compressor], out_layers[name]
         kwargs = {spec.level: resolved[name].quantize[1], **opts.get(compressor, {})}
         if spec.grouped:
             kwargs["group_size"] = group_size
-        if name in hessian_layers:
-            kwargs["hessian"] = hessians[name]
+        if hessian is not None:
+            kwargs["hessian"] = hessian
         if name in gradient_layers:
             kwargs["gradient"] = gradients[name].float()
         weight = module.weight.detach()
@@ -282,6 +299,14 @@ def compress(
         bits[name] = level if isinstance(level, int) else round(sum(level) / len(level), 6)
         if progress is not None:
             progress(1)
+
+    if sequential:
+        from trainlab.compress.quant.gptq import quantize_sequentially
+
+        hessians = quantize_sequentially(out, calibration, {n: out_layers[n] for n in hessian_layers}, quantize_layer)
+    for name in quantizers:
+        if name not in packed:
+            quantize_layer(name, hessians[name] if name in hessian_layers else None)
 
     report = _report(layers, out_layers, resolved, dense, notes, bits, unpruned)
     used = dict.fromkeys(c for r in resolved.values() for c, _ in filter(None, r))

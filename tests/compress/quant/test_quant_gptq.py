@@ -65,12 +65,14 @@ def test_column_losses_sum_to_damped_quadratic_loss(group_size):
     assert float(result.column_loss.sum()) == pytest.approx(float(0.5 * torch.trace(e @ hd @ e.T)), rel=1e-9)
 
 
-def test_lazy_blocks_do_not_change_the_result():
+@pytest.mark.parametrize(("group_size", "block_sizes"), [(None, (5, 16, 200)), (8, (8,))])
+def test_lazy_blocks_do_not_change_the_result(group_size, block_sizes):
+    # With groups, a block that starts every group fits each group on exactly updated weights, as block_size=1
     w, x = _problem(seed=2)
     h = 2 * x.T @ x / x.shape[0]
-    grid = UniformGrid(4, group_size=8)
+    grid = UniformGrid(4, group_size=group_size)
     ref = gptq(w, h, grid, block_size=1).weight
-    for block_size in (5, 16, 200):
+    for block_size in block_sizes:
         assert torch.allclose(gptq(w, h, grid, block_size=block_size).weight, ref, rtol=0, atol=1e-12)
 
 
@@ -137,15 +139,20 @@ def test_collect_hessians_rejects_bad_layers():
         collect_hessians(model, [torch.randn(2, 5)], layers={"extra": nn.Linear(5, 5)})
 
 
-def test_groups_are_fitted_on_updated_weights():
+def test_groups_are_fitted_on_w_as_the_reference_does():
+    # reference (IST-DASLab/gptq fasterquant, static_groups=False): find_params(W[:, j:j + groupsize]) when column j
+    # starts a group; W carries the lazy updates of earlier blocks, not those made inside the current block
     w, x = _problem(seed=6)
     h = 2 * x.T @ x / x.shape[0]
     grid = UniformGrid(3, group_size=8)
     result = gptq(w, h, grid, block_size=16)
     assert len(result.params) == 6
-    assert torch.equal(result.params[0].scale, grid.fit(w[:, :8]).scale)  # nothing updated before group 0
-    for g in range(1, 6):  # later groups see the compensation of earlier rounding errors
+    for g in (0, 1):  # block 0: W is untouched until the block ends, so both groups fit the original columns
+        assert torch.equal(result.params[g].scale, grid.fit(w[:, 8 * g : 8 * g + 8]).scale)
+    for g in range(2, 6):  # later blocks see the compensation of the earlier blocks' rounding errors
         assert not torch.equal(result.params[g].scale, grid.fit(w[:, 8 * g : 8 * g + 8]).scale)
+    exact = gptq(w, h, grid, block_size=8)  # every group starts a block: fitted on exactly updated columns
+    assert not torch.equal(exact.params[1].scale, result.params[1].scale)
 
 
 @pytest.mark.parametrize(
@@ -154,12 +161,28 @@ def test_groups_are_fitted_on_updated_weights():
         nn.Conv2d(3, 4, 3, padding=1, stride=2, dilation=1),
         nn.Conv2d(2, 3, (2, 3), dilation=2),
         nn.Conv1d(3, 5, 3, padding=2),
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(3, 4, 3, padding=(2, 1), stride=2, padding_mode="reflect"),
+        nn.Conv2d(2, 3, (3, 2), padding="same", dilation=2, padding_mode="replicate"),
+        nn.Conv2d(2, 3, (2, 4), padding="same"),
+        nn.Conv1d(3, 5, 3, padding=2, padding_mode="circular"),
+        nn.Conv1d(3, 5, 5, padding=2, padding_mode="reflect"),
     ],
-    ids=["conv2d-strided", "conv2d-dilated", "conv1d"],
+    ids=[
+        "conv2d-strided",
+        "conv2d-dilated",
+        "conv1d",
+        "conv2d-circular",
+        "conv2d-reflect",
+        "conv2d-replicate-same",
+        "conv2d-same-asymmetric",
+        "conv1d-circular",
+        "conv1d-reflect",
+    ],
 )
 def test_conv_hessian_gives_the_output_error_of_a_weight_perturbation(conv):
     # With H = 2 X^T X / n over the unfolded patches, ½ tr(E H E^T) is the mean over output positions of
-    # |conv(x, E)|², computed here by the convolution itself, not by unfold.
+    # |conv(x, E)|², computed here by the convolution itself (its own padding mode), not by unfold.
     torch.manual_seed(0)
     conv = conv.double()
     shape = (4, conv.in_channels, 9, 8) if isinstance(conv, nn.Conv2d) else (4, conv.in_channels, 11)
@@ -171,3 +194,9 @@ def test_conv_hessian_gives_the_output_error_of_a_weight_perturbation(conv):
     expected = sum(o.square().sum() for o in outs) / positions
     flat = e.reshape(e.shape[0], -1)
     assert torch.allclose(0.5 * ((flat @ hessian) * flat).sum(), expected, rtol=1e-10)
+
+
+def test_grouped_conv_hessian_is_refused_naming_the_groups():
+    conv = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="groups=1 .* got 2"):
+        collect_hessians(conv, [torch.randn(1, 4, 6, 6)], layers={"conv": conv})
