@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainlab.compress.export import load_model, save_model
 from trainlab.compress.front_door import CompressionResult, compress
 from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.quant.gwq import collect_gradients
 from trainlab.compress.registry import get_compressor
-from trainlab.compress.storage import dequantized, load, packed_ties, retie, save, shared_aliases, tied_aliases
 
 QuantizedModel = CompressionResult  # what quantize_model returns (and save_quantized_model takes)
 
@@ -66,22 +66,16 @@ def quantize_model(
 
 
 def save_quantized_model(qm: QuantizedModel, path: str | Path, metadata: Mapping[str, str] | None = None) -> int:
-    """The packed layers (keyed ``"{layer}.weight"``) plus every other state-dict tensor unchanged, tied weights
-    once (a tensor tied to a quantized weight is stored as an alias of it); returns the file size in bytes."""
-    packed = {f"{name}.weight": q for name, q in qm.weights.items()}
-    plain = {k: v for k, v in qm.model.state_dict().items() if k not in packed}
-    aliases = packed_ties(tied_aliases(qm.model), plain, packed)
+    """The packed layers, pruned layers encoded sparse and every other tensor unchanged, tied weights once
+    (:func:`trainlab.compress.export.save_model`), with the method in the metadata; returns the file size."""
     meta = {"method": qm.method, "second_order": str(qm.second_order), **(metadata or {})}
-    return save(path, plain, packed, meta, aliases)
+    return save_model(qm.model, path, qm.weights, metadata=meta)
 
 
 def load_quantized_model(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
-    """A fresh ``make_model()`` with the file's dequantized weights (conv kernels reshaped back), ties restored."""
-    model = make_model()
-    own = model.state_dict()
-    state = dequantized(*load(path))
-    model.load_state_dict({k: v.reshape(own[k].shape).to(own[k].dtype) for k, v in state.items()})
-    return retie(model, shared_aliases(state))
+    """A fresh ``make_model()`` with the file's dequantized weights (conv kernels reshaped back), masks re-armed
+    and ties restored (:func:`trainlab.compress.export.load_model`)."""
+    return load_model(path, make_model)
 
 
 def layer_gradients(model: nn.Module, batches: Sequence[Any], loss: Callable[[nn.Module, Any], torch.Tensor]):
