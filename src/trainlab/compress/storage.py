@@ -147,6 +147,10 @@ def save(
             )
     links.update(shared_aliases(state))
     links.update(shared_aliases(packed))
+    for name, target in links.items():  # point every alias at a stored name
+        while target in links:
+            target = links[target]
+        links[name] = target
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if name not in links:
