@@ -50,3 +50,34 @@ def test_mono_forward_learns_digits(digits, batches, accuracy):
         trainer.step(xb, yb)
     assert trainer.predictor is model
     assert accuracy(model, xv, yv) > 0.85  # chance is 0.1
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.relu(self.b(h)))
+
+    def as_sequential(self):
+        return nn.Sequential(self.a, nn.ReLU(), localtrain.Residual(nn.Sequential(self.b, nn.ReLU())), self.c)
+
+
+def test_a_residual_block_is_one_local_unit_of_the_users_own_model():
+    torch.manual_seed(0)
+    model = _ResidualMLP().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    trainer = localtrain.create("mono-forward", model, num_classes=3)
+    trainer.prepare(x)
+    m2 = trainer.projections[1].weight.detach().clone().requires_grad_()
+    w, bias = model.b.weight.detach().clone().requires_grad_(), model.b.bias.detach().clone().requires_grad_()
+    h = torch.relu(model.a(x)).detach()
+    trainer.step(x, y)
+    loss = F.cross_entropy((h + torch.relu(h @ w.T + bias)) @ m2.T, y)
+    grads = torch.autograd.grad(loss, [w, bias, m2])
+    torch.testing.assert_close(model.b.weight.grad, grads[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.b.bias.grad, grads[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(trainer.projections[1].weight.grad, grads[2], rtol=0, atol=1e-12)
+    assert trainer.predictor is model

@@ -64,9 +64,18 @@ def compression_rows() -> Iterable[Row]:
         yield m, "N:M sparse training", _NM_TRAINING_PAPERS[m], "`NMSchedule(method=...)`", "pattern", "training"
 
 
+def localtrain_rows() -> Iterable[Row]:
+    from trainlab import localtrain
+
+    for name in localtrain.method_names():
+        spec = localtrain.get_spec(name)
+        yield name, spec.paper, spec.summary, spec.supports, ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
+
+
 SECTIONS = (
     Section("Optimizers", ("paper", "what it is", "defaults"), optimizer_rows),
     Section("Compression", ("kind", "paper", "what it is", "level / budget", "needs"), compression_rows),
+    Section("Training without backpropagation", ("paper", "what it is", "model", "defaults"), localtrain_rows),
 )
 
 

@@ -17,6 +17,13 @@ def run(args: argparse.Namespace) -> int:
         spec = get_spec(name)
         defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
         print(f"  {name:<14} {spec.paper}\n  {'':<14} {spec.summary}\n  {'':<14} defaults: {defaults}")
+    from trainlab import localtrain
+
+    print("\nWithout backprop (trainlab bench --algorithms backprop,NAME; trainlab.localtrain.create):")
+    for name in localtrain.method_names():
+        spec = localtrain.get_spec(name)
+        defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
+        print(f"  {name:<14} {spec.paper}\n  {'':<14} {spec.summary}\n  {'':<14} defaults: {defaults}")
     print("\nWorkloads (trainlab bench --workload):")
     for name in workload_names():
         w = get_workload(name)

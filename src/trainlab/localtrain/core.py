@@ -74,14 +74,39 @@ class LocalTrainer(ABC):
             optimizer.load_state_dict(saved)
 
 
-def split_blocks(model: nn.Sequential) -> list[nn.Sequential]:
-    """Cut ``model`` into blocks that each start at a layer with parameters.
+class Residual(nn.Module):
+    """``x + body(x)``: a residual block, trained as one unit (its input is detached, its skip path too)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def as_sequential(model: nn.Module) -> nn.Sequential:
+    """``model`` itself if it is an ``nn.Sequential``, else the equivalent one its ``as_sequential()`` returns
+    (over the model's own modules, so training it trains the model)."""
+    if isinstance(model, nn.Sequential):
+        return model
+    if callable(getattr(model, "as_sequential", None)):
+        view = model.as_sequential()
+        if isinstance(view, nn.Sequential):
+            return view
+    raise TypeError(
+        f"model must be an nn.Sequential of layers (or offer as_sequential() returning one, with Residual for skip "
+        f"connections), got {type(model).__name__}"
+    )
+
+
+def split_blocks(model: nn.Module) -> list[nn.Sequential]:
+    """Cut ``model`` (see ``as_sequential``) into blocks that each start at a layer with parameters.
 
     Parameter-free layers (activations, flatten, pooling) join the block before them; leading ones join the
     first block. A block is the unit a local loss trains.
     """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"model must be an nn.Sequential of layers, got {type(model).__name__}")
+    model = as_sequential(model)
     blocks: list[list[nn.Module]] = []
     leading: list[nn.Module] = []
     for layer in model:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlab.localtrain.core import LocalTrainer
+from trainlab.localtrain.core import LocalTrainer, as_sequential
 from trainlab.localtrain.registry import Between, register_method
 
 PAPER = "NoProp: Training Neural Networks without Back-propagation or Forward-propagation (Li, Teh, Pascanu, 2025)"
@@ -125,8 +125,9 @@ class NoProp(LocalTrainer):
         seed: int,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Sequential) or len(model) < 2:
-            raise TypeError("model must be an nn.Sequential whose last layer is the classifier head")
+        model = as_sequential(model)
+        if len(model) < 2:
+            raise TypeError("model must have layers before its last one (the classifier head NoProp replaces)")
         self.template = model[:-1]
         self.num_classes, self.steps, self.eta, self.lr = num_classes, steps, eta, lr
         self.weight_decay, self.inference = weight_decay, inference

@@ -117,6 +117,13 @@ class ResidualMLP(nn.Module):
         h = F.relu(self.linear1(x))
         return self.linear3(h + F.relu(self.linear2(h)))
 
+    def as_sequential(self) -> nn.Sequential:
+        """The same function over the same modules, as the layer-local methods (trainlab.localtrain) cut it."""
+        from trainlab.localtrain import Residual
+
+        body = nn.Sequential(self.linear2, nn.ReLU())
+        return nn.Sequential(self.linear1, nn.ReLU(), Residual(body), self.linear3)
+
 
 def _cnn(channels: int = 25) -> nn.Module:
     """The paper's ConvBase: lengths 40 -> 19 -> 10 -> 5 through three stride-2 convolutions, then linear."""

@@ -1,0 +1,50 @@
+"""Local methods in the lab: `trainlab bench` trains them next to backprop and measures what they hold."""
+
+import pytest
+import torch
+
+from trainlab.lab.bench import BenchConfig, run_bench, validate
+from trainlab.lab.local import split_batch
+from trainlab.lab.workloads.sbm import sbm_graph
+
+
+def test_bench_compares_local_methods_with_backprop(tmp_path):
+    config = BenchConfig(
+        workloads=["digits-mlp"],
+        algorithms=["backprop", "mono-forward"],
+        steps=40,
+        out=tmp_path,
+        progress=False,
+    )
+    results = {r["algorithm"]: r for r in run_bench(config)}
+    assert set(results) == {"backprop", "mono-forward"}
+    for r in results.values():
+        assert r["final_metric"] > 0.2 and r["wall_time_s"] > 0 and r["peak_rss_bytes"] > 0
+    # Measured: backprop holds every layer's activations at once, Mono-Forward one block's.
+    assert 0 < results["mono-forward"]["activation_peak_bytes"] < results["backprop"]["activation_peak_bytes"]
+    assert results["mono-forward"]["optimizer_state_bytes"] > 0  # Adam over the layers and the projections
+    assert results["backprop"]["hyperparameters"]["lr"] == 3e-3  # the workload's tuned AdamW
+
+
+def test_bench_rejects_schedules_and_unknown_settings_for_local_methods(tmp_path):
+    with pytest.raises(ValueError, match="a schedule applies to optimizers"):
+        validate(BenchConfig(workloads=["digits-mlp"], algorithms=["noprop"], schedule="wsd", out=tmp_path))
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['momentum'\]"):
+        validate(
+            BenchConfig(
+                workloads=["digits-mlp"],
+                algorithms=["gbnn"],
+                hyperparameters={"gbnn": {"momentum": 0.9}},
+                out=tmp_path,
+            )
+        )
+
+
+def test_a_graph_batch_keeps_only_training_labels():
+    graph = sbm_graph()
+    (features, adjacency), labels = split_batch(graph)
+    assert features is graph.features and adjacency is graph.adjacency
+    assert (labels >= 0).sum() == len(graph.train_idx)
+    assert torch.equal(labels[graph.train_idx], graph.labels[graph.train_idx])
+    with pytest.raises(TypeError, match="needs \\(inputs, labels\\) batches or a Graph"):
+        split_batch(torch.zeros(3))
