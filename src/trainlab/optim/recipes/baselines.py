@@ -80,7 +80,10 @@ def torch_adamw(
     eps: Annotated[float, POSITIVE] = 1e-8,
     weight_decay: Annotated[float, NON_NEGATIVE] = 1e-2,
 ) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW(params, foreach=True, ...)``, the baseline for `adamw`."""
+    """``torch.optim.AdamW(params, foreach=True, ...)``, the baseline for `adamw`.
+
+    Args: as `adamw` (a tensor lr needs ``capturable=True`` in torch, which this baseline does not set).
+    """
     return torch.optim.AdamW(params, foreach=True, **checked(torch_adamw, locals()))
 
 
@@ -94,5 +97,8 @@ def torch_sgd(
     nesterov: Annotated[bool, FLAG] = False,
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
 ) -> torch.optim.Optimizer:
-    """``torch.optim.SGD(params, foreach=True, ...)``, the baseline for `sgd`."""
+    """``torch.optim.SGD(params, foreach=True, ...)``, the baseline for `sgd`.
+
+    Args: as `sgd`.
+    """
     return torch.optim.SGD(params, foreach=True, **checked(torch_sgd, locals()))
