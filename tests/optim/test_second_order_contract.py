@@ -42,7 +42,12 @@ def test_mkor_weight_and_bias_in_separate_groups_step_as_one_group():
     assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters(), strict=True))
     # and a different weight decay on the biases is honoured, not refused
     three = _model()
-    create("mkor", [{"params": weights}, {"params": biases, "weight_decay": 0.0}], weight_decay=1e-2)
+    weights = [p for n, p in three.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in three.named_parameters() if n.endswith("bias")]
+    c = create("mkor", [{"params": weights}, {"params": biases, "weight_decay": 0.0}], weight_decay=1e-2, lr=0.05)
+    losses = _train(three, c, 5)
+    assert losses[-1] < losses[0]
+    assert [g["weight_decay"] for g in c.param_groups] == [1e-2, 0.0]
 
 
 def test_mkor_with_a_frozen_bias_preconditions_the_weight():
