@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainlab import localtrain
 from trainlab.localtrain.eggroll import Eggroll, shape_fitness
+from trainlab.memory.allocations import PeakTensorMeter
 
 
 def _trainer(model, rank=3, population=8, chunk=4, sigma=0.3, loss=None):
@@ -100,19 +100,6 @@ def test_update_equals_the_fitness_weighted_sum_of_explicit_perturbations():
         torch.testing.assert_close(p.detach(), p0 - 0.1 * grad, rtol=0, atol=1e-12)
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("rank", [4, 0])
 def test_the_full_perturbation_is_never_materialized(rank):
     """Every tensor a low-rank generation creates is recorded: none holds a member's o×i perturbation."""
@@ -120,13 +107,13 @@ def test_the_full_perturbation_is_never_materialized(rank):
     trainer = _trainer(model, rank=rank, population=8, chunk=4)
     x, y = torch.randn(6, 40), torch.randint(0, 3, (6,))
     trainer.prepare(x)
-    with _Shapes() as mode:
+    with PeakTensorMeter() as meter:
         trainer.step(x, y)
     # A stack of o×i matrices, one per member or pair (the aggregate update may carry a leading 1).
-    dense = [s for s in mode.shapes if s[-2:] == (30, 40) and math.prod(s[:-2]) > 1]
+    dense = [s for s in meter.shapes if s[-2:] == (30, 40) and math.prod(s[:-2]) > 1]
     if rank:
         assert not dense
-        assert max(math.prod(s) for s in mode.shapes) <= 30 * 40  # the update itself, never more
+        assert max(math.prod(s) for s in meter.shapes) <= 30 * 40  # the update itself, never more
     else:
         assert dense  # full-rank ES does build them: the check can fail
 
