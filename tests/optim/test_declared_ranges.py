@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import trainlab.optim.recipes
 from trainlab.optim import ChainOptimizer, create, get_spec, optimizer_names
 from trainlab.optim.checks import Check
 from trainlab.optim.optimizer import restored_state
@@ -22,6 +23,7 @@ def _model() -> nn.Module:
 @pytest.mark.parametrize("name", optimizer_names())
 def test_help_shows_every_hyperparameter_with_its_default_and_range(name):
     spec = get_spec(name)
+    assert getattr(trainlab.optim.recipes, spec.factory.__name__) is spec.factory  # help(recipes.galore)
     text = pydoc.render_doc(spec.factory, renderer=pydoc.plaintext)
     signature = inspect.signature(spec.factory)
     assert spec.defaults == {k: p.default for k, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY}
