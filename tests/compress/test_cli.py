@@ -42,6 +42,8 @@ from trainlab.lab.workloads import get_workload
         (["--method", "nupes", "--bits", "3", "--allocator", "baq"], "--allocator baq"),
         (["--method", "magnitude", "--sparsity", "0.5", "--bits", "3"], "--bits"),
         (["--method", "magnitude", "--sparsity", "0.5", "--second-order"], "--second-order"),
+        (["--method", "rtn", "--bits", "3", "--sequential"], "--sequential orders the second-order calibration"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--sequential"], "--sequential"),
         (["--method", "quantize", "--bits", "3"], "--method"),
     ],
 )

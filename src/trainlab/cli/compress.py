@@ -87,6 +87,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--second-order", action="store_true", help="GPTQ-style error compensation with calibration Hessians"
     )
     p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --second-order: each layer's Hessian on the outputs of the already-quantized earlier layers "
+        "(the GPTQ reference's order; default: all Hessians on the dense model in one pass)",
+    )
+    p.add_argument(
         "--group-size", type=int, default=None, help="quantization group of input columns (default: whole row)"
     )
     p.add_argument("--recover", choices=recover.METHODS, default=None, help="retrain after pruning")
@@ -150,6 +156,8 @@ def _check_quant(args: argparse.Namespace) -> float:
         raise ValueError(f"--bits {bits:g} is fractional; only a mixed-precision --allocator takes averages")
     if spec.bits is not None and args.allocator == "uniform" and int(bits) not in spec.bits:
         raise ValueError(f"--bits for --method {args.method} must be one of {', '.join(map(str, spec.bits))}")
+    if args.sequential and not args.second_order:
+        raise ValueError("--sequential orders the second-order calibration: add --second-order")
     if args.second_order and spec.second_order == "never":
         raise ValueError(f"--second-order is not available for --method {args.method}")
     return bits
@@ -165,6 +173,7 @@ def _check_pruning(args: argparse.Namespace) -> tuple[list[float], str | None]:
         ("--bits", args.bits),
         ("--group-size", args.group_size),
         ("--second-order", args.second_order or None),
+        ("--sequential", args.sequential or None),
     ):
         if value is not None:
             raise ValueError(
@@ -213,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.method in quant_methods():
         bits = _check_quant(args)
-        job = CompressionJob(**common, bits=bits, second_order=args.second_order, group_size=args.group_size)
+        job = CompressionJob(
+            **common, bits=bits, second_order=args.second_order, sequential=args.sequential, group_size=args.group_size
+        )
         report = quantize_workload(job)
     else:
         sparsities, pattern = _check_pruning(args)

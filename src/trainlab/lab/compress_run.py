@@ -42,6 +42,7 @@ class CompressionJob:
     recover_steps: int = 150
     bits: float | None = None
     second_order: bool = False
+    sequential: bool = False  # with second order: Hessians layer by layer on the quantized upstream (GPTQ's order)
     group_size: int | None = None
     steps: int | None = None  # dense training steps (None: the workload's)
     seed: int = 0
@@ -200,5 +201,6 @@ def _quantize(job: CompressionJob, dense: _Dense) -> Any:
         calibration=batches,
         loss=dense.workload.loss,
         second_order=job.second_order,
+        sequential=job.sequential,
         group_size=job.group_size,
     )

@@ -65,6 +65,10 @@ def test_second_order_and_ptqtp_runs(compress_cli, cache, tmp_path):
     assert t["bits"] == 3 and t["levels"] == dict.fromkeys(SIZES, 3)
     # two trit-planes: 3.2 bits per weight packed, more than 3-bit codes, much less than float32
     assert r["file_bytes_after"] < t["file_bytes_after"] < t["file_bytes_before"] / 7
+    assert compress_cli(cache, tmp_path / "s", "--workload", "digits-mlp", "--method", "rtn", "--bits", "3",
+                "--second-order", "--group-size", "32", "--sequential") == 0  # fmt: skip
+    s = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert s["second_order"] is True and s["metric_after"] != r["metric_after"]  # later layers see other inputs
 
 
 @pytest.mark.parametrize(("method", "allocator"), [("rtn", "hawq"), ("baq", "baq")])
