@@ -10,6 +10,7 @@ registration) are not statements and are not seen.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,7 @@ def test_the_checker_sees_function_level_relative_and_package_imports(tmp_path, 
     }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    monkeypatch.setattr(__import__(__name__), "SRC", tmp_path / "src")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "src")
     edges = import_edges()
     assert {(e.source, e.target) for e in edges} == {
         ("trainlab.compress.a", "trainlab.lab.runner"),
