@@ -210,3 +210,7 @@ def orthograd_optimizer(
     if ignored:
         raise ValueError(f"base={base!r} does not accept {ignored}; it accepts {sorted(accepted)}")
     return orthogonalized(base, params, **{k: v for k, v in hp.items() if k in accepted})
+
+
+# ⊥AdamW's hyperparameters (the recipe's defaults but ``base``), for comparisons at equal settings.
+ORTHOGRAD_DEFAULTS = {k: v for k, v in get_spec("orthograd").defaults.items() if k != "base"}
