@@ -52,13 +52,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``compress`` subcommand on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     from trainlab.compress import recover
     from trainlab.compress.registry import allocator_names, compressor_names
+    from trainlab.lab.user_models import SPEC_HELP
 
     quant = quant_methods()
     pruning_allocators, bit_allocators = allocator_names("sparsity"), allocator_names("bits")
     p = subparsers.add_parser(
-        "compress", help="prune or quantize a workload's trained model; write report, results and plot"
+        "compress", help="prune or quantize a workload's trained model or your own; write report, results and plot"
     )
-    p.add_argument("--workload", required=True, help="workload name (see trainlab list)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workload", help="workload name (see trainlab list): its model is trained, then compressed")
+    source.add_argument("--model", help=f"the model to compress: {SPEC_HELP}")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="with --model: calibration batches from pkg.module:batches (a list of batches or a callable returning "
+        "one; default for a Hugging Face directory: built-in sentences through its tokenizer)",
+    )
     p.add_argument(
         "--method",
         required=True,
@@ -113,7 +122,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _check_source(args: argparse.Namespace) -> None:
+    """Flags that apply only to a workload (trained here) or only to the user's --model."""
+    if args.model is None:
+        if args.calibration is not None:
+            raise ValueError("--calibration applies to --model; a workload's calibration comes from its own data")
+        return
+    for flag, value in (("--steps", args.steps), ("--cache-dir", args.cache_dir), ("--recover", args.recover)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to --workload (a model trained here), not to --model")
+    if args.seed != 0:
+        raise ValueError("--seed applies to --workload (the dense training run), not to --model")
+
+
 def _check_common(args: argparse.Namespace) -> None:
+    _check_source(args)
     if args.calibration_batches <= 0:
         raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
     if args.steps is not None and args.steps <= 0:
@@ -207,6 +230,7 @@ def _check_pruning(args: argparse.Namespace) -> tuple[list[float], str | None]:
 
 def run(args: argparse.Namespace) -> int:
     from trainlab.lab.compress_run import CompressionJob, prune_workload, quantize_workload
+    from trainlab.lab.compress_user import compress_user_model
 
     torch.set_num_threads(1)
     common = {
@@ -219,13 +243,15 @@ def run(args: argparse.Namespace) -> int:
         "calibration_batches": args.calibration_batches,
         "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
         "progress": not args.quiet,
+        "model": args.model,
+        "calibration": args.calibration,
     }
     if args.method in quant_methods():
         bits = _check_quant(args)
         job = CompressionJob(
             **common, bits=bits, second_order=args.second_order, sequential=args.sequential, group_size=args.group_size
         )
-        report = quantize_workload(job)
+        report = compress_user_model(job) if args.model else quantize_workload(job)
     else:
         sparsities, pattern = _check_pruning(args)
         job = CompressionJob(
@@ -235,6 +261,6 @@ def run(args: argparse.Namespace) -> int:
             recover=args.recover,
             recover_steps=args.recover_steps,
         )
-        report = prune_workload(job)
+        report = compress_user_model(job) if args.model else prune_workload(job)
     print(report.read_text())
     return 0

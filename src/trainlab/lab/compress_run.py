@@ -30,9 +30,11 @@ from trainlab.lab.workloads import Workload, get_workload
 
 @dataclass(frozen=True)
 class CompressionJob:
-    """One ``trainlab compress`` run; arguments already checked (the CLI names the flag of a bad value)."""
+    """One ``trainlab compress`` run; arguments already checked (the CLI names the flag of a bad value). Either
+    ``workload`` (a built-in workload, trained here) or ``model`` (the user's ``pkg.module:factory`` or Hugging
+    Face directory, with ``calibration`` batches from ``pkg.module:batches``; see :mod:`.compress_user`)."""
 
-    workload: str
+    workload: str | None
     method: str
     out: Path
     allocator: str = "uniform"
@@ -49,6 +51,8 @@ class CompressionJob:
     calibration_batches: int = 4
     cache_dir: Path | None = None  # None: default_cache_dir()
     progress: bool = True
+    model: str | None = None
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
