@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from trainlab.lab import local
+from trainlab.lab.hyperparameters import resolve_hyperparameters
 from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import Workload, get_workload
@@ -35,28 +36,6 @@ class BenchConfig:
     resume: bool = False
     checkpoint_every: int = 50
     progress: bool = True
-
-
-def resolve_hyperparameters(
-    algorithm: str, workload: Workload, overrides: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Paper defaults, then the workload's tuned values, then the user's overrides (validated)."""
-    spec = local.algorithm_spec(algorithm)
-    hp = dict(spec.defaults)
-    hp.update({k: v for k, v in local.tuned_hyperparameters(algorithm, workload).items() if k in spec.defaults})
-    for key, value in (overrides or {}).items():
-        if isinstance(value, Mapping):
-            if key == algorithm:
-                hp.update(value)
-            continue
-        hp[key] = value
-    unknown = set(hp) - set(spec.defaults)
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {sorted(unknown)} for {algorithm!r}; "
-            f"allowed: {', '.join(sorted(spec.defaults))}"
-        )
-    return hp
 
 
 def validate(config: BenchConfig) -> list[Workload]:

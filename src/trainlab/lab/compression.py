@@ -32,7 +32,7 @@ def trained_model(
     """The workload's model trained with AdamW at its tuned hyperparameters; with ``cache_dir``, the weights
     are reused from ``{workload}-seed{seed}-steps{steps}.pt`` when present (saved there otherwise). A cached
     file that no longer fits the workload's model (its architecture changed) is retrained and replaced."""
-    from trainlab.lab.bench import resolve_hyperparameters
+    from trainlab.lab.hyperparameters import resolve_hyperparameters
     from trainlab.lab.runner import train
     from trainlab.optim import create
 
