@@ -60,8 +60,9 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
             "Medians over seeds; a seed that missed the target counts as never reaching it.",
             "",
             "| algorithm | seeds | final | best | reached | steps to target | samples to target "
-            "| time to target (s) | samples | wall (s) | step (ms) | peak RSS (MB) | optimizer state (KB) | diverged |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| time to target (s) | samples | wall (s) | step (ms) | peak RSS (MB) | optimizer state (KB) "
+            "| activations held (KB) | diverged |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (wn, a), runs in sorted(groups.items()):
             if wn != w:
@@ -78,6 +79,7 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
                 f" | {_fmt(_median(runs, 'wall_time_s'), 2)} | {_fmt(_median(runs, 'step_time_ms_median'), 2)}"
                 f" | {_fmt(_median(runs, 'peak_rss_bytes') / 2**20, 0)}"
                 f" | {_fmt(_median(runs, 'optimizer_state_bytes') / 1024, 1)}"
+                f" | {_fmt(_median(runs, 'activation_peak_bytes') / 1024, 1)}"
                 f" | {sum(r['diverged'] for r in runs)} |"
             )
         lines.append("")
