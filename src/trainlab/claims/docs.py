@@ -72,10 +72,23 @@ def localtrain_rows() -> Iterable[Row]:
         yield name, spec.paper, spec.summary, spec.supports, ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
 
 
+def adapter_rows() -> Iterable[Row]:
+    from trainlab.adapters import adapter_names, get_spec
+
+    for name in adapter_names():
+        spec = get_spec(name)
+        needs = [f"prepare ({spec.prepare})"] if spec.prepare else []
+        needs += ["training callback"] if spec.callback else []
+        defaults = ", ".join(f"`{k}={f.default!r}`" for k, f in spec.fields.items())
+        layers = ", ".join(spec.layer_types)
+        yield name, spec.paper, spec.summary, layers, defaults, ", ".join(needs) or "-", spec.peft or "-"
+
+
 SECTIONS = (
     Section("Optimizers", ("paper", "what it is", "defaults"), optimizer_rows),
     Section("Compression", ("kind", "paper", "what it is", "level / budget", "needs"), compression_rows),
     Section("Training without backpropagation", ("paper", "what it is", "model", "defaults"), localtrain_rows),
+    Section("Adapters", ("paper", "what it is", "layers", "defaults", "needs", "PEFT export"), adapter_rows),
 )
 
 

@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trainlab.cli import bench, compress, docs, listing, verify
+from trainlab.cli import bench, compress, docs, finetune, listing, verify
 
-COMMANDS = (bench, listing, verify, docs, compress)
+COMMANDS = (bench, listing, verify, docs, compress, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
