@@ -69,7 +69,7 @@ def test_several_sparsities_write_results_report_plot_and_reuse_the_checkpoint(
     out = tmp_path / "a"
     assert compress_cli(cache, out, "--workload", "digits-mlp", "--method", "magnitude", "--sparsity", "0.5,0.9",
                 "--allocator", "global") == 0  # fmt: skip
-    checkpoint = cache / f"digits-mlp-seed0-steps{dense_steps}.pt"
+    (checkpoint,) = cache.glob(f"digits-mlp-seed0-steps{dense_steps}-*.pt")
     stamp = checkpoint.stat().st_mtime_ns
     r = json.loads((out / "results.json").read_text())
     assert {"metric_before", "metric_after", "file_bytes_before", "file_bytes_after", "levels", "method",
@@ -122,11 +122,34 @@ def test_structured_method_dispatches_to_sliced_export(compress_cli, cache, tmp_
     assert r["file_bytes_after"] < 0.6 * r["file_bytes_before"]
 
 
-def test_a_stale_cached_checkpoint_is_retrained(tmp_path):
-    path = tmp_path / "digits-mlp-seed0-steps5.pt"
-    torch.save({"weight": torch.zeros(3)}, path)
-    model = trained_model(get_workload("digits-mlp"), 0, 5, tmp_path)
+@pytest.mark.parametrize("bad", [b"truncated", None])
+def test_an_unreadable_cached_checkpoint_is_named_retrained_and_replaced(tmp_path, bad):
+    from trainlab.lab.compression import cache_name
+    from trainlab.lab.hyperparameters import resolve_hyperparameters
+
+    workload = get_workload("digits-mlp")
+    path = tmp_path / cache_name(workload, 0, 5, resolve_hyperparameters("adamw", workload))
+    if bad is None:
+        torch.save({"weight": torch.zeros(3)}, path)  # a stale entry
+    else:
+        path.write_bytes(bad)
+    with pytest.warns(UserWarning, match=f"cached dense model {path} cannot be read"):
+        model = trained_model(workload, 0, 5, tmp_path)
     assert torch.equal(torch.load(path, weights_only=True)["1.weight"], model[1].weight)
+
+
+def test_the_cache_is_keyed_on_what_changes_the_weights():
+    import dataclasses
+
+    from trainlab.lab.compression import cache_name
+
+    w = get_workload("digits-mlp")
+    name = cache_name(w, 0, 5, {"lr": 1e-3})
+    assert name.startswith("digits-mlp-seed0-steps5-") and name == cache_name(w, 0, 5, {"lr": 1e-3})
+    assert cache_name(w, 0, 5, {"lr": 2e-3}) != name
+    assert cache_name(dataclasses.replace(w, batch_size=w.batch_size * 2), 0, 5, {"lr": 1e-3}) != name
+    wider = dataclasses.replace(w, make_model=lambda: torch.nn.Sequential(torch.nn.Linear(64, 3)))
+    assert cache_name(wider, 0, 5, {"lr": 1e-3}) != name
 
 
 def test_nm_reports_the_real_sparsity_and_the_layers_it_left_dense(cache, tmp_path):

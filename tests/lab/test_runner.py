@@ -85,20 +85,79 @@ def test_stop_at_target_stops_early(tiny):
     assert result.curve[-1]["step"] == result.steps_to_target < 60
 
 
-def test_divergence_is_recorded_with_its_step_and_checkpointed(tiny, tmp_path):
-    def explode(step, model):
-        if step == 13:
-            for p in model.parameters():
-                p.grad.fill_(float("nan"))
+def _explode_at_13(step, model):
+    if step == 13:
+        for p in model.parameters():
+            p.grad.fill_(float("nan"))
 
+
+def _sgd(model):
+    return create("sgd", model.parameters(), lr=0.1)
+
+
+def test_divergence_is_recorded_with_its_step_and_the_last_finite_checkpoint_kept(tiny, tmp_path, capsys):
     ckpt = tmp_path / "div.pt"
-    result = train(tiny, lambda m: create("sgd", m.parameters(), lr=0.1), seed=0, on_gradients=explode, checkpoint=ckpt)
+    result = train(tiny, _sgd, seed=0, on_gradients=_explode_at_13, checkpoint=ckpt, checkpoint_every=10)
     # step 13 (0-based) poisons the weights, so the loss of step 15 (1-based) is the first non-finite one
     assert result.diverged and result.diverged_at == 15
     assert len(result.train_losses) == 15 and math.isnan(result.train_losses[-1])
     assert all(math.isfinite(v) for v in result.train_losses[:-1])
     assert math.isnan(result.final_metric)
-    assert torch.load(ckpt, weights_only=True)["run"]["diverged_at"] == 15
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["run"]["step"] == 10 and saved["run"]["diverged_at"] == -1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    err = capsys.readouterr().err
+    assert "non-finite training loss or weights at step 15" in err and f"{ckpt} keeps step 10" in err
+    # resuming from the last finite state replays the divergence exactly
+    again = train(tiny, _sgd, seed=0, on_gradients=_explode_at_13, checkpoint=ckpt, checkpoint_every=10, resume=True)
+    assert again.diverged_at == 15 and again.train_losses[:14] == result.train_losses[:14]
+
+
+def test_non_finite_weights_are_caught_at_a_checkpoint_before_the_next_evaluation(tiny, tmp_path, capsys):
+    def poison_weights_at_11(step, model):
+        if step == 11:  # the weights after step 12 (1-based) are NaN; the evaluation at step 20 is not reached
+            for p in model.parameters():
+                p.grad.fill_(float("inf"))
+
+    ckpt = tmp_path / "div.pt"
+    result = train(tiny, _sgd, seed=0, eval_every=20, on_gradients=poison_weights_at_11, checkpoint=ckpt,
+                   checkpoint_every=12)  # fmt: skip
+    assert result.diverged_at == 12 and result.curve[-1]["step"] == 12
+    assert not ckpt.exists()  # the checkpoint due at step 12 held NaN weights: not written
+    assert "no finite checkpoint was written before it" in capsys.readouterr().err
+
+
+def test_the_final_step_is_checkpointed(tiny, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(tiny, _adamw, seed=0, steps=25, checkpoint=ckpt, checkpoint_every=10)
+    assert torch.load(ckpt, weights_only=True)["run"]["step"] == 25
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 40}, "steps: checkpoint 60, now 40"),
+        ({"config": {"lr": 0.5}}, "lr: checkpoint 0.01, now 0.5"),
+        ({"config": {"lr": 0.01, "schedule": "wsd"}}, "schedule: checkpoint '(unset)', now 'wsd'"),
+        ({"seed": 1}, "seed: checkpoint 0, now 1"),
+    ],
+)
+def test_resume_refuses_another_configuration_naming_the_fields(tiny, tmp_path, change, message):
+    ckpt = tmp_path / "run.pt"
+    train(tiny, _adamw, seed=0, steps=60, checkpoint=ckpt, checkpoint_every=20, config={"lr": 0.01})
+    kwargs = {"seed": 0, "steps": 60, "config": {"lr": 0.01}, **change}
+    with pytest.raises(ValueError, match="another run configuration") as err:
+        train(tiny, _adamw, checkpoint=ckpt, checkpoint_every=20, resume=True, **kwargs)
+    assert message in str(err.value)
+
+
+def test_a_truncated_checkpoint_is_named_with_what_to_do(tiny, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(tiny, _adamw, seed=0, steps=20, checkpoint=ckpt, checkpoint_every=10)
+    ckpt.write_bytes(ckpt.read_bytes()[:300])
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt} cannot be read .*delete it to start that run from step 0"):
+        train(tiny, _adamw, seed=0, steps=20, checkpoint=ckpt, checkpoint_every=10, resume=True)
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"batch_size": -1}, {"eval_every": 1.5}])

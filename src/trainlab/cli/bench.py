@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,16 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
     )
-    results = run_bench(config)
+    try:
+        results = run_bench(config)
+    except KeyboardInterrupt:
+        checkpoints = Path(args.out) / "checkpoints"
+        print(
+            f"\ntrainlab bench: interrupted. Finished runs are in {Path(args.out) / 'results.json'}, checkpoints in "
+            f"{checkpoints}; run the same command with --resume to continue from them.",
+            file=sys.stderr,
+        )
+        return 130
     print((Path(args.out) / "report.md").read_text())
     print(f"{len(results)} runs; results.json, report.md and plots written to {args.out}")
     return 0

@@ -110,6 +110,7 @@ def _run_one(
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         progress=progress,
+        config={"algorithm": algorithm, "hyperparameters": hp, "schedule": config.schedule},
     )
     step_times = result.step_times_s
     peak_rss = peak_rss_bytes()

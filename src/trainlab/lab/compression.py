@@ -4,8 +4,10 @@ the user's batches and a loss callable; this module supplies those from a built-
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,21 +32,29 @@ def trained_model(
     workload: Workload, seed: int = 0, steps: int | None = None, cache_dir: Path | None = None, progress: bool = False
 ) -> nn.Module:
     """The workload's model trained with AdamW at its tuned hyperparameters; with ``cache_dir``, the weights
-    are reused from ``{workload}-seed{seed}-steps{steps}.pt`` when present (saved there otherwise). A cached
-    file that no longer fits the workload's model (its architecture changed) is retrained and replaced."""
+    are reused from ``{workload}-seed{seed}-steps{steps}-{key}.pt`` when present (saved there atomically
+    otherwise), where ``key`` hashes everything that changes the weights: the optimizer and its hyperparameters,
+    the batch size and the model's parameter names, shapes and dtypes. An unreadable cache file is named in a
+    warning, retrained and replaced."""
     from trainlab.lab.hyperparameters import resolve_hyperparameters
     from trainlab.lab.runner import train
     from trainlab.optim import create
 
     steps = workload.steps if steps is None else steps
-    path = None if cache_dir is None else Path(cache_dir) / f"{workload.name}-seed{seed}-steps{steps}.pt"
+    hp = resolve_hyperparameters("adamw", workload, None)
+    path = None if cache_dir is None else Path(cache_dir) / cache_name(workload, seed, steps, hp)
     if path is not None and path.exists():
         torch.manual_seed(seed)
         model = workload.make_model()
-        with contextlib.suppress(RuntimeError, KeyError, EOFError):  # a stale or truncated entry is retrained
+        try:
             model.load_state_dict(torch.load(path, weights_only=True))
             return model
-    hp = resolve_hyperparameters("adamw", workload, None)
+        except Exception as err:  # truncated or corrupt: RuntimeError, EOFError, UnpicklingError, ...
+            warnings.warn(
+                f"cached dense model {path} cannot be read ({type(err).__name__}); retraining it and replacing "
+                "the file",
+                stacklevel=2,
+            )
     bar = tqdm(total=steps, desc=f"train {workload.name}", disable=not progress, leave=False)
     result = train(
         workload, lambda m: create("adamw", m.named_parameters(), **hp), seed=seed, steps=steps, progress=bar.update
@@ -56,6 +66,17 @@ def trained_model(
         torch.save(result.model.state_dict(), tmp)
         os.replace(tmp, path)
     return result.model
+
+
+def cache_name(workload: Workload, seed: int, steps: int, hyperparameters: dict[str, Any]) -> str:
+    """The cache file name of a dense training run: readable fields, then a hash of everything else that changes
+    the trained weights."""
+    torch.manual_seed(seed)
+    shapes = [(k, list(v.shape), str(v.dtype)) for k, v in workload.make_model().state_dict().items()]
+    content = {"optimizer": "adamw", "hyperparameters": hyperparameters, "batch_size": workload.batch_size,
+               "model": shapes}  # fmt: skip
+    key = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+    return f"{workload.name}-seed{seed}-steps{steps}-{key}.pt"
 
 
 def calibration_batches(workload: Workload, batches: int = 4, batch_size: int | None = None) -> list[Any]:

@@ -7,9 +7,11 @@ run resumed from a checkpoint draws exactly the batches the uninterrupted run wo
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,13 +96,18 @@ def train(
     resume: bool = False,
     progress: Callable[[int], None] | None = None,
     batch_sizes: BatchSizeController | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``make_optimizer(model)`` on ``workload`` and evaluate every ``eval_every`` steps.
 
     ``on_gradients(step, model)`` runs after backward and before the optimizer step (e.g. to inject
     gradient spikes); ``loss_fn`` replaces the workload's loss. A non-finite training loss ends the
-    run, recorded as diverged at that step. With ``checkpoint`` set, the full state is saved every
-    ``checkpoint_every`` steps (and on divergence); ``resume`` continues from it bit for bit.
+    run, recorded as diverged at that step; it is looked for at the points that sync with the host anyway
+    (evaluations and checkpoints), never per step. With ``checkpoint`` set, the full state is saved atomically
+    every ``checkpoint_every`` steps and at the last step, only while the loss and weights are finite, so after a
+    divergence the file keeps the last finite state; ``resume`` continues from it bit for bit. The checkpoint
+    records the run's configuration (the runner's own arguments plus ``config``, e.g. the algorithm, its
+    hyperparameters and schedule): resuming under another configuration raises ValueError naming the fields.
     Wall times count training only: loading the data and evaluating happen off the clock.
     With ``batch_sizes``, each step draws ``batch_sizes.batch_size`` samples and ``batch_sizes.backward``
     computes the gradients (a growing batch, e.g. AdAdaGrad); ``samples`` counts what was drawn.
@@ -129,8 +136,10 @@ def train(
     evaluated = model if local is None else local.predictor
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     run = _RunState()
+    record = _run_config(workload, seed, steps, batch_size, eval_every, stop_at_target, config)
     if resume and checkpoint is not None and checkpoint.exists():
-        run = _load_checkpoint(checkpoint, model, optimizer, scheduler, batch_sizes)
+        run = _load_checkpoint(checkpoint, model, optimizer, scheduler, batch_sizes, record)
+    saved_step = run.step if resume and checkpoint is not None and checkpoint.exists() else None
 
     pending: list[torch.Tensor] = []  # losses since the last evaluation, synced only at evaluations
     step = run.step
@@ -161,18 +170,32 @@ def train(
         step += 1
         if progress is not None:
             progress(1)
+        stopping = False
         if step % eval_every == 0 or step == steps:
             paused = time.perf_counter()
             _evaluate(workload, evaluated, run, pending, step, paused - start)
             start += time.perf_counter() - paused  # as in AlgoPerf, evaluation time is not training time
             pending = []
-            if run.diverged_at is None and stop_at_target and run.steps_to_target is not None:
-                break
-        if checkpoint is not None and (
-            run.diverged_at is not None or (checkpoint_every and step % checkpoint_every == 0)
-        ):
-            run.step, run.elapsed_s = step, time.perf_counter() - start
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, run, batch_sizes)
+            stopping = run.diverged_at is None and stop_at_target and run.steps_to_target is not None
+        due = step == steps or stopping or (checkpoint_every and step % checkpoint_every == 0)
+        if checkpoint is not None and due and run.diverged_at is None:
+            if _finite(pending, evaluated):  # a sync point anyway: saving copies the state to the host
+                run.step, run.elapsed_s = step, time.perf_counter() - start
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, run, batch_sizes, record)
+                saved_step = step
+            else:  # record the divergence now rather than at the next evaluation
+                _evaluate(workload, evaluated, run, pending, step, time.perf_counter() - start)
+                run.diverged_at = run.diverged_at or step
+                pending = []
+        if run.diverged_at is not None:
+            kept = "" if checkpoint is None else (
+                f"; {checkpoint} keeps step {saved_step}, the last finite state" if saved_step is not None
+                else "; no finite checkpoint was written before it"
+            )  # fmt: skip
+            print(f"{workload.name}: non-finite training loss or weights at step {run.diverged_at}, run stopped{kept}",
+                  file=sys.stderr)  # fmt: skip
+        if stopping:
+            break
 
     wall = time.perf_counter() - start
     metrics = [p["metric"] for p in run.curve if math.isfinite(p["metric"])]
@@ -194,10 +217,52 @@ def train(
     )
 
 
+def _run_config(
+    workload: Workload,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    stop_at_target: bool,
+    config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed, as JSON values (tuples become lists)."""
+    own = {"workload": workload.name, "seed": seed, "steps": steps, "batch_size": batch_size,
+           "eval_every": eval_every, "stop_at_target": stop_at_target}  # fmt: skip
+    return json.loads(json.dumps({**own, **dict(config or {})}, default=repr))
+
+
+def _finite(pending: list[torch.Tensor], model: nn.Module) -> bool:
+    """Whether the losses since the last sync and every floating-point weight are finite (one host sync)."""
+    params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+    checks = [torch.stack(pending).float().isfinite().all()] if pending else []
+    if params:
+        checks.append(torch.stack(torch._foreach_norm(params)).float().isfinite().all())
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def _batch_length(batch: Batch, requested: int) -> int:
     """Samples in ``batch``: dim 0 of its (first) tensor; the requested size for other batch types."""
     first = batch[0] if isinstance(batch, tuple | list) and batch else batch
     return first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else requested
+
+
+def _check_config(path: Path, stored: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse to resume under another configuration, naming every field that differs."""
+    if not stored:
+        raise ValueError(
+            f"checkpoint {path} records no run configuration (written by an older trainlab); delete it to start afresh"
+        )
+    missing = object()
+    fields = sorted(k for k in set(stored) | set(config) if stored.get(k, missing) != config.get(k, missing))
+    if fields:
+        diff = "; ".join(
+            f"{k}: checkpoint {stored.get(k, '(unset)')!r}, now {config.get(k, '(unset)')!r}" for k in fields
+        )
+        raise ValueError(
+            f"checkpoint {path} was written by another run configuration ({diff}); resume with the checkpoint's "
+            "configuration, or delete the checkpoint (or use another --out) to start afresh"
+        )
 
 
 @dataclass
@@ -247,9 +312,11 @@ def _save_checkpoint(
     scheduler: Any,
     run: _RunState,
     batch_sizes: BatchSizeController | None,
+    config: Mapping[str, Any],
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
+        "config": json.dumps(config, sort_keys=True),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -268,7 +335,7 @@ def _save_checkpoint(
             "samples_to_target": -1 if run.samples_to_target is None else run.samples_to_target,
         },
     }
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # atomic: a run killed mid-save keeps its previous checkpoint
 
@@ -279,8 +346,16 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     batch_sizes: BatchSizeController | None,
+    config: Mapping[str, Any],
 ) -> _RunState:
-    payload = torch.load(path, weights_only=True)
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated or corrupt: torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to start that run from "
+            "step 0, or resume into another --out"
+        ) from None
+    _check_config(path, json.loads(payload.get("config", "{}")), config)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None:
