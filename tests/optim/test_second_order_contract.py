@@ -1,6 +1,9 @@
 """MKOR, M-FAC and AdaHessian in the situations where torch.optim users meet them: split groups, frozen and
 unfrozen layers, half precision, parameters that leave the graph."""
 
+import copy
+import gc
+
 import torch
 from torch import nn
 
@@ -124,3 +127,13 @@ def test_adahessian_skips_a_parameter_that_leaves_the_graph_with_zeroed_grads():
     losses = [optimizer.step(closure).item() for _ in range(5)]
     assert losses[-1] < losses[0]
     assert torch.equal(unused, torch.ones(3)) and not optimizer.state[unused]
+
+
+def test_mkor_removes_its_hooks_with_the_optimizer():
+    model = _model()
+    optimizer = create("mkor", model.parameters())
+    copied = copy.deepcopy(optimizer)
+    assert model[0].weight._post_accumulate_grad_hooks
+    del optimizer, copied
+    gc.collect()
+    assert not model[0].weight._post_accumulate_grad_hooks

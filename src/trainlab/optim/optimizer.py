@@ -143,10 +143,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if isinstance(params, Tensor):
             params = [params]
         elif isinstance(params, set):
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but the "
-                "ordering of tensors in sets will change between runs; use a list instead"
-            )
+            raise TypeError("params must be an ordered collection such as a list, not a set (its order varies)")
         names = param_group.get("param_names")
         items = [(None, p) if not isinstance(p, tuple) else p for p in params]
         if names is not None:
@@ -154,10 +151,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         if not items:
             raise ValueError("optimizer got an empty parameter list")
         if len({n is None for n, _ in items}) != 1:
-            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            raise ValueError("name every parameter of a group or none: some param names are missing")
         for _, p in items:
             if not isinstance(p, Tensor):
-                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
+                raise TypeError(f"params must be tensors (or (name, tensor) pairs); got a {type(p).__name__}")
             if not (p.is_leaf or p.retains_grad):
                 raise ValueError("can't optimize a non-leaf Tensor")
             if p.is_complex() and self.refuse_complex:
@@ -183,16 +180,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         """torch.optim's bookkeeping for a new group: no parameter in two groups, names all or none."""
         params = group["params"]
         if len(params) != len(set(params)):
-            warnings.warn(
-                "optimizer contains a parameter group with duplicate parameters; in future, this will cause an "
-                "error; see github.com/pytorch/pytorch/issues/40967 for more information",
-                stacklevel=3,
-            )
+            warnings.warn("a param group lists a parameter twice (torch.optim warns the same)", stacklevel=3)
         seen: set[Tensor] = set()
         for other in self.param_groups:
             seen.update(other["params"])
             if ("param_names" in other) != ("param_names" in group):
-                raise ValueError("all optimizer param groups should be with/without names")
+                raise ValueError("name the parameters of every group or of none")
         if not seen.isdisjoint(params):
             raise ValueError("some parameters appear in more than one parameter group")
         self.param_groups.append(group)

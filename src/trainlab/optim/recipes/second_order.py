@@ -16,12 +16,14 @@
   preconditioner. Factors are kept in the parameter's dtype (mkor.py defaults to float16 factors).
 """
 
+import weakref
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from trainlab.curvature import LayerObserver, hvp_from_gradients, rademacher_like, twice_differentiable
 from trainlab.optim.checks import BETAS, FLAG, LR, NON_NEGATIVE, SEED, Interval, integer_at_least, unit_interval
@@ -210,15 +212,20 @@ class MKOR(ChainOptimizer):
 
     def __init__(self, params: Any, clipping_value: float, **hp: Any) -> None:
         self.clipping_value = clipping_value
-        self._observe_nothing_yet()
+        self.preconditioner = PreconditionMKOR(LayerObserver(clipping=clipping_value))
+        self._start_observing()
         chains = chain(self.preconditioner, add_weight_decay(), trace_momentum())
         super().__init__(params, chains, refuse_complex=CURVATURE_IS_REAL, **hp)
 
-    def _observe_nothing_yet(self) -> None:
-        self.observer = LayerObserver(clipping=self.clipping_value)
-        self.preconditioner = PreconditionMKOR(self.observer)
+    def _start_observing(self) -> None:
+        """This process's hooks: the observer's global forward hook and a gradient-norm hook per matrix (a
+        copy of the optimizer gets its own, on the copied parameters). They go with the optimizer."""
+        if self.preconditioner.observer is None:
+            self.preconditioner.observer = LayerObserver(clipping=self.clipping_value)
+        self.observer = self.preconditioner.observer
         self._backward_norms: dict[int, Tensor] = {}
-        self._hooks: list[Any] = []
+        self._hooks: list[RemovableHandle] = []
+        weakref.finalize(self, _remove_all, self._hooks)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         first = len(self.param_groups)
@@ -228,13 +235,11 @@ class MKOR(ChainOptimizer):
     def _observe(self, params: list[Tensor]) -> None:
         self.observer.watch(params)
         norms = self._backward_norms
-        for p in params:
-            if p.ndim >= 2:  # weights of Linear/Conv2d layers: record ‖∇W‖ as backward leaves it
 
-                def record(p: Tensor, norms: dict[int, Tensor] = norms) -> None:
-                    norms[id(p)] = torch.linalg.vector_norm(p.grad)
+        def record(p: Tensor) -> None:  # ‖∇W‖ as backward leaves it, before any unscaling
+            norms[id(p)] = torch.linalg.vector_norm(p.grad)
 
-                self._hooks.append(p.register_post_accumulate_grad_hook(record))
+        self._hooks.extend(p.register_post_accumulate_grad_hook(record) for p in params if p.ndim >= 2)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -267,18 +272,19 @@ class MKOR(ChainOptimizer):
                 self.preconditioner.precondition(w, bias, own, group, unscale)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The observer's global forward hook and the gradient hooks belong to this process's parameters.
-        drop = {"observer", "preconditioner", "_backward_norms", "_hooks"}
-        return {k: v for k, v in super().__getstate__().items() if k not in drop}
+        # Hooks belong to this process's parameters (the preconditioner drops its observer likewise).
+        return {k: v for k, v in super().__getstate__().items() if k not in ("observer", "_backward_norms", "_hooks")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "chains" in state:  # a copy or an unpickled optimizer, not load_state_dict: observe its parameters
-            self._observe_nothing_yet()
-            for c in self.chains.values():
-                c.transforms[0].observer = self.observer
-                self.preconditioner = c.transforms[0]
+        if "chains" in state:  # a copy or an unpickled optimizer (not load_state_dict): observe its parameters
+            self._start_observing()
             self._observe([p for g in self.param_groups for p in g["params"]])
+
+
+def _remove_all(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 @register_optimizer(
