@@ -14,6 +14,8 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler
 
 from trainlab.schedules.batch_size import AdaptiveBatchSize, per_sample_gradients, proposed_batch_size
+from trainlab.schedules.ghost_batch_norm import GhostBatchNorm, Regime, adapt_regime, to_ghost_batch_norm_
+from trainlab.schedules.lr_batch import CurvatureFit, batch_curvature, fit_curvature, lr_for_batch_size
 from trainlab.schedules.refinement import RefinedLR, refined_schedule, smooth_grad_norms
 from trainlab.schedules.registry import batch_method_names, get_batch_method
 from trainlab.schedules.wsd import DECAY_SHAPES, WarmupStableDecay, WarmupStableDecaySimplified, wsd_lambda
@@ -80,16 +82,24 @@ def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: i
 __all__ = [
     "DECAY_SHAPES",
     "AdaptiveBatchSize",
+    "CurvatureFit",
+    "GhostBatchNorm",
     "RefinedLR",
+    "Regime",
     "WarmupStableDecay",
     "WarmupStableDecaySimplified",
+    "adapt_regime",
+    "batch_curvature",
     "batch_method_names",
     "create_scheduler",
+    "fit_curvature",
     "get_batch_method",
+    "lr_for_batch_size",
     "per_sample_gradients",
     "proposed_batch_size",
     "refined_schedule",
     "scheduler_names",
     "smooth_grad_norms",
+    "to_ghost_batch_norm_",
     "wsd_lambda",
 ]
