@@ -23,6 +23,7 @@ BONE_PAPER = "Bone: Block Affine Transformation as Parameter Efficient Fine-tuni
 
 class BoneLayer(AdapterLayer):
     weight_dependent = True
+    fused_forward = True
 
     def __init__(self, base: nn.Module, *, r: int) -> None:
         super().__init__(base)

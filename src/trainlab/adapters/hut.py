@@ -24,6 +24,7 @@ HUT_PAPER = (
 
 class HUTLayer(AdapterLayer):
     weight_dependent = True
+    fused_forward = True
 
     def __init__(self, base: nn.Module, *, r: int) -> None:
         super().__init__(base)

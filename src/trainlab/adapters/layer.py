@@ -48,6 +48,9 @@ class AdapterLayer(nn.Module):
     """
 
     weight_dependent = False  # True when ΔW is a function of the base weight (then override restore_weight)
+    # True when ΔW is materialized anyway (Bone, HUT, SaRA, SNELL): the forward runs one op with W + ΔW instead of
+    # the base op plus a second op with ΔW.
+    fused_forward = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -73,22 +76,26 @@ class AdapterLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return weight_matrix(self.base)
 
-    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x`` through the base layer's operation with an (out x in) ``weight`` and no bias."""
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` through the base layer's operation with an (out x in) ``weight`` (and ``bias``)."""
         if self.kind == "conv2d":
             conv = self.base
+            if conv.padding_mode != "zeros":
+                raise ValueError(f"adapters support Conv2d with padding_mode='zeros', not {conv.padding_mode!r}")
             w = weight.reshape(conv.weight.shape)
-            return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return F.linear(x, weight)
+            return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.linear(x, weight, bias)
 
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply_weight(x, self.delta_weight(self.base_weight()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        return y + self.delta_output(x)
+            return self.base(x)
+        if self.fused_forward:
+            w = self.base_weight()
+            return self.apply_weight(x, w + self.delta_weight(w), getattr(self.base, "bias", None))
+        return self.base(x) + self.delta_output(x)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -41,6 +41,8 @@ def small_weights(weight: torch.Tensor, threshold: float, fraction: float | None
 
 
 class SaRALayer(AdapterLayer):
+    fused_forward = True
+
     def __init__(self, base: nn.Module, *, threshold: float, fraction: float | None) -> None:
         super().__init__(base)
         w = self.base_weight().detach()

@@ -40,6 +40,8 @@ def keep_largest(delta: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 class SnellLayer(AdapterLayer):
+    fused_forward = True
+
     def __init__(self, base: nn.Module, *, r: int, heads: int, sparsity: float) -> None:
         super().__init__(base)
         if r % heads:
