@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -300,3 +301,47 @@ def test_welore_factors_are_the_truncated_svd() -> None:
     assert k == 16 - int(((s - s.min()) / (s.max() - s.min()) < 0.01).sum())
     torch.testing.assert_close(model[0].welore_U @ model[0].welore_V, u[:, :k] @ torch.diag(s[:k]) @ vh[:k])
     assert not hasattr(model[0].base, "weight")  # the dense weight is gone
+
+
+def test_adalora_rank_pruning_matches_peft() -> None:
+    peft = pytest.importorskip("peft", reason="peft is in the test extra: pip install trainlab[test]")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    ours = adapters.attach(net, "adalora", targets=[nn.Linear], r=4, alpha=4.0)
+    cb = adapters.training_callback(ours, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1, target_rank=1)
+    config = peft.AdaLoraConfig(
+        init_r=4,
+        target_r=1,
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        total_step=10,
+        lora_alpha=4,
+        target_modules=["0", "2"],
+        beta1=0.85,
+        beta2=0.85,
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(net), config)
+    pairs = []
+    with torch.no_grad():
+        for name in ("0", "2"):
+            mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+            mine.lora_E.normal_()
+            for key in ("lora_A", "lora_E", "lora_B"):
+                other.get_parameter(f"{key}.default").copy_(getattr(mine, key))
+                pairs.append((getattr(mine, key), other.get_parameter(f"{key}.default")))
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 8):  # warmup, cubic phase (masking every step)
+        x = torch.randn(16, 8, generator=g, dtype=D)
+        for model in (ours, theirs):
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+        with torch.no_grad():
+            for p, q in pairs:
+                p -= 0.05 * p.grad
+                q -= 0.05 * q.grad
+        cb.step(step)
+        theirs.base_model.update_and_allocate(step)
+        for p, q in pairs:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert sum(la.rank() for la in adapters.adapter_layers(ours).values()) < 8  # something was pruned
