@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         resume=args.resume,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     try:
         results = run_bench(config)
@@ -83,6 +84,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--schedule", default=None, help="learning-rate schedule (see trainlab list)")
     p.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of a bench of another configuration in --out"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p

@@ -36,6 +36,7 @@ class BenchConfig:
     resume: bool = False
     checkpoint_every: int = 50
     progress: bool = True
+    overwrite: bool = False  # replace the results of another configuration in ``out``
 
 
 def validate(config: BenchConfig) -> list[Workload]:
@@ -60,13 +61,16 @@ def validate(config: BenchConfig) -> list[Workload]:
 
 
 def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
-    """Run the whole grid and write results.json, report.md and the plots into ``config.out``."""
+    """Run the whole grid and write results.json, report.md, run.json (configuration and provenance),
+    train-loss.csv and the plots into ``config.out``."""
+    from trainlab.lab.bench_files import TrainLossLog, plot_train_losses, prepare_out
     from trainlab.lab.plots import write_plots
     from trainlab.lab.report import write_report
 
     workloads = validate(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    origin = prepare_out(out, resolved_config(config, workloads), config.overwrite)
+    log = TrainLossLog(out)
     total = config.seeds * sum(
         config.steps or local.default_steps(w, a, resolve_hyperparameters(a, w, config.hyperparameters))
         for w in workloads
@@ -77,16 +81,49 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
         for w in workloads:
             for algorithm in config.algorithms:
                 for seed in range(config.seeds):
-                    bar.set_postfix_str(f"{w.name} {algorithm} seed {seed}")
-                    results.append(_run_one(config, w, algorithm, seed, out, bar.update))
+                    label = f"{w.name} {algorithm} seed {seed}"
+                    bar.set_postfix_str(label)
+
+                    def show(point: dict[str, float], label: str = label) -> None:
+                        bar.set_postfix_str(f"{label} loss {point['train_loss']:.4g}")
+
+                    record = _run_one(config, w, algorithm, seed, out, bar.update, show, log)
+                    results.append({**record, "provenance": origin})
                     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, out / "report.md")
     write_plots(results, out)
+    plot_train_losses(log.path, out)
     return results
 
 
+def resolved_config(config: BenchConfig, workloads: Sequence[Workload]) -> dict[str, Any]:
+    """Every setting the results depend on, with each (workload, algorithm)'s resolved hyperparameters and steps."""
+    runs = {}
+    for w in workloads:
+        for a in config.algorithms:
+            hp = resolve_hyperparameters(a, w, config.hyperparameters)
+            runs[f"{w.name}/{a}"] = {"hyperparameters": hp, "steps": config.steps or local.default_steps(w, a, hp)}
+    return {
+        "workloads": list(config.workloads),
+        "algorithms": list(config.algorithms),
+        "seeds": config.seeds,
+        "steps": config.steps,
+        "hyperparameters": dict(config.hyperparameters or {}),
+        "schedule": config.schedule,
+        "checkpoint_every": config.checkpoint_every,
+        "runs": runs,
+    }
+
+
 def _run_one(
-    config: BenchConfig, workload: Workload, algorithm: str, seed: int, out: Path, progress: Any
+    config: BenchConfig,
+    workload: Workload,
+    algorithm: str,
+    seed: int,
+    out: Path,
+    progress: Any,
+    on_evaluation: Any = None,
+    log: Any = None,
 ) -> dict[str, Any]:
     hp = resolve_hyperparameters(algorithm, workload, config.hyperparameters)
     steps = config.steps or local.default_steps(workload, algorithm, hp)
@@ -111,7 +148,10 @@ def _run_one(
         resume=config.resume,
         progress=progress,
         config={"algorithm": algorithm, "hyperparameters": hp, "schedule": config.schedule},
+        on_evaluation=on_evaluation,
     )
+    if log is not None:
+        log.add(workload.name, algorithm, seed, result.train_losses)
     step_times = result.step_times_s
     peak_rss = peak_rss_bytes()
     batch = workload.make_batch(local.batch_size(workload, algorithm), batch_generator(seed, steps))

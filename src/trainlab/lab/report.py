@@ -57,7 +57,8 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
             f"## {w}",
             "",
             f"Metric: {first['metric']} ({better} is better), target {first['target']}. "
-            "Medians over seeds; a seed that missed the target counts as never reaching it.",
+            "Medians over seeds; a seed that missed the target counts as never reaching it, and a diverged seed "
+            "counts as the worst metric (a median that lands on one reads `diverged`).",
             "",
             "| algorithm | seeds | final | best | reached | steps to target | samples to target "
             "| time to target (s) | samples | wall (s) | step (ms) | peak RSS (MB) | optimizer state (KB) "
@@ -73,7 +74,7 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
                 for key in ("steps_to_target", "samples_to_target")
             )
             lines.append(
-                f"| {a} | {len(runs)} | {_fmt(_median(runs, 'final_metric'))} | {_fmt(_median(runs, 'best_metric'))}"
+                f"| {a} | {len(runs)} | {_metric_median(runs, 'final_metric')} | {_metric_median(runs, 'best_metric')}"
                 f" | {reached}/{len(runs)} | {_fmt(steps_tt, 0)} | {_fmt(samples_tt, 0)}"
                 f" | {_fmt(median_time_to_target(runs), 2)} | {_fmt(_median(runs, 'samples'), 0)}"
                 f" | {_fmt(_median(runs, 'wall_time_s'), 2)} | {_fmt(_median(runs, 'step_time_ms_median'), 2)}"
@@ -82,6 +83,13 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
                 f" | {_fmt(_median(runs, 'activation_peak_bytes') / 1024, 1)}"
                 f" | {sum(r['diverged'] for r in runs)} |"
             )
+        diverged = [r for (wn, _), runs in sorted(groups.items()) if wn == w for r in runs if r["diverged"]]
+        if diverged:
+            lines += [""] + [
+                f"- {r['algorithm']} seed {r['seed']} diverged at step {r.get('diverged_at_step')} "
+                "(non-finite loss or metric)"
+                for r in diverged
+            ]
         lines.append("")
     ratios = performance_ratios(results)
     lines += [
@@ -113,6 +121,14 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict
 def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
     values = [r[key] for r in runs if r.get(key) is not None]  # results.json from before a column existed
     return statistics.median(values) if values else math.nan
+
+
+def _metric_median(runs: Sequence[dict[str, Any]], key: str) -> str:
+    """Median of a metric over seeds with every diverged seed (or a missing metric) counted as the worst value."""
+    worst = -math.inf if runs[0]["higher_is_better"] else math.inf
+    values = [worst if r["diverged"] or r.get(key) is None else r[key] for r in runs]
+    median = statistics.median(values)
+    return "diverged" if math.isinf(median) else _fmt(median)
 
 
 def _fmt(value: float, digits: int = 4) -> str:

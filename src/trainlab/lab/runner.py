@@ -97,6 +97,7 @@ def train(
     progress: Callable[[int], None] | None = None,
     batch_sizes: BatchSizeController | None = None,
     config: Mapping[str, Any] | None = None,
+    on_evaluation: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``make_optimizer(model)`` on ``workload`` and evaluate every ``eval_every`` steps.
 
@@ -111,6 +112,8 @@ def train(
     Wall times count training only: loading the data and evaluating happen off the clock.
     With ``batch_sizes``, each step draws ``batch_sizes.batch_size`` samples and ``batch_sizes.backward``
     computes the gradients (a growing batch, e.g. AdAdaGrad); ``samples`` counts what was drawn.
+    ``on_evaluation(point)`` receives each curve point (step, samples, wall time, mean training loss since the
+    previous point, metric) as it is measured, e.g. to show the current loss in a progress bar.
     """
     steps = workload.steps if steps is None else steps
     batch_size = workload.batch_size if batch_size is None else batch_size
@@ -174,6 +177,8 @@ def train(
         if step % eval_every == 0 or step == steps:
             paused = time.perf_counter()
             _evaluate(workload, evaluated, run, pending, step, paused - start)
+            if on_evaluation is not None:
+                on_evaluation(run.curve[-1])
             start += time.perf_counter() - paused  # as in AlgoPerf, evaluation time is not training time
             pending = []
             stopping = run.diverged_at is None and stop_at_target and run.steps_to_target is not None
