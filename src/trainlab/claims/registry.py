@@ -25,26 +25,41 @@ class ClaimResult:
 
 @dataclass(frozen=True)
 class Claim:
+    """``promise``: what the paper says; ``rule``: what the check requires to pass; ``weaker``: how the check falls
+    short of the paper's promise (empty when it measures the promise itself); ``known_failing``: why the claim is
+    known to fail at this scale (listed in VERIFY.md even when the run skipped it)."""
+
     name: str
     method: str
     paper: str
     promise: str
     check: Callable[[], ClaimResult] = field(repr=False)
     fast: bool
+    rule: str = ""
+    weaker: str = ""
+    known_failing: str = ""
 
 
 _CLAIMS: dict[str, Claim] = {}
 
 
 def register_claim(
-    name: str, *, method: str, paper: str, promise: str, fast: bool
+    name: str,
+    *,
+    method: str,
+    paper: str,
+    promise: str,
+    fast: bool,
+    rule: str = "",
+    weaker: str = "",
+    known_failing: str = "",
 ) -> Callable[[Callable[[], ClaimResult]], Callable[[], ClaimResult]]:
-    """Register ``check`` (no arguments, returns a ClaimResult) as the claim ``name``."""
+    """Register ``check`` (no arguments, returns a ClaimResult) as the claim ``name`` (fields: :class:`Claim`)."""
 
     def decorator(check: Callable[[], ClaimResult]) -> Callable[[], ClaimResult]:
         if name in _CLAIMS:
             raise ValueError(f"claim {name!r} is already registered")
-        _CLAIMS[name] = Claim(name, method, paper, promise, check, fast)
+        _CLAIMS[name] = Claim(name, method, paper, promise, check, fast, rule, weaker, known_failing)
         return check
 
     return decorator
