@@ -25,8 +25,8 @@ from trainlab.runtime import batch_generator
 
 PREPARE_SEED_OFFSET = 7919  # prepare batches come from their own stream
 # Layers adapted when the caller names none: the digits MLP's hidden layers (its 10-way head is narrower than
-# LoRA-GA's 2r at r = 8); elsewhere every nn.Linear.
-DEFAULT_TARGETS: dict[str, list[str | type]] = {"digits-shifted": ["1", "3"]}
+# LoRA-GA's 2r at r = 8), MiniLM's attention query and value (the LoRA paper's); elsewhere every nn.Linear.
+DEFAULT_TARGETS: dict[str, list[str | type]] = {"digits-shifted": ["1", "3"], "minilm-docstrings": ["query", "value"]}
 
 
 @dataclass
