@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainlab.schedules.ghost_batch_norm import GhostBatchNorm, adapt_regime, to_ghost_batch_norm_
+from trainlab.schedules.ghost_batch_norm import GhostBatchNorm, Regime, adapt_regime, to_ghost_batch_norm_
 
 
 def _pair(c, ghost, momentum=0.1, dims=1):
@@ -84,17 +84,23 @@ def test_to_ghost_batch_norm_swaps_every_batch_norm_and_keeps_its_state():
 
 
 def test_adapt_regime_keeps_the_number_of_updates():
-    r = adapt_regime(0.1, 300, batch_size=128, new_batch_size=2048, milestones=(81, 122, 164))
-    assert r.lr == pytest.approx(0.4) and r.steps == 4800 and r.milestones == (1296, 1952, 2624)
+    """ResNet-44's CIFAR-10 regime (lr 0.1, drops at epochs 81/122/164 of 182, B_S = 128) moved to 4096."""
+    small = Regime(lr=0.1, epochs=182, batch_size=128, milestones=(81, 122, 164))
+    large = adapt_regime(small, 4096)
+    assert large.lr == pytest.approx(0.1 * 32**0.5) and large.epochs == 182 * 32 and large.batch_size == 4096
+    assert large.milestones == (81 * 32, 122 * 32, 164 * 32)
+    assert large.steps(50_000) == small.steps(50_000) == 71_094
+    assert large.milestone_steps(50_000) == small.milestone_steps(50_000)
 
 
 @pytest.mark.parametrize(
     "call, word",
     [
         (lambda: GhostBatchNorm(4, 1), "virtual_batch_size"),
-        (lambda: adapt_regime(0.1, 0, 32, 64), "steps"),
-        (lambda: adapt_regime(-1.0, 10, 32, 64), "lr"),
-        (lambda: adapt_regime(0.1, 10, 32, 64, milestones=(20,)), "milestones"),
+        (lambda: adapt_regime(Regime(0.1, 0, 32), 64), "epochs"),
+        (lambda: adapt_regime(Regime(-1.0, 10, 32), 64), "lr"),
+        (lambda: adapt_regime(Regime(0.1, 10, 32, milestones=(20,)), 64), "milestones"),
+        (lambda: adapt_regime(Regime(0.1, 10, 32), 0), "new_batch_size"),
     ],
 )
 def test_bad_arguments_name_themselves(call, word):

@@ -84,8 +84,18 @@ def adapter_rows() -> Iterable[Row]:
         yield name, spec.paper, spec.summary, layers, defaults, ", ".join(needs) or "-", spec.peft or "-"
 
 
+def batch_method_rows() -> Iterable[Row]:
+    from trainlab.schedules import batch_method_names, get_batch_method
+
+    for name in batch_method_names():
+        spec = get_batch_method(name)
+        defaults = ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
+        yield name, spec.paper, f"{spec.summary} (`{spec.entry}`)", defaults
+
+
 SECTIONS = (
     Section("Optimizers", ("paper", "what it is", "defaults"), optimizer_rows),
+    Section("Batch size", ("paper", "what it is", "defaults"), batch_method_rows),
     Section("Compression", ("kind", "paper", "what it is", "level / budget", "needs"), compression_rows),
     Section("Training without backpropagation", ("paper", "what it is", "model", "defaults"), localtrain_rows),
     Section("Adapters", ("paper", "what it is", "layers", "defaults", "needs", "PEFT export"), adapter_rows),

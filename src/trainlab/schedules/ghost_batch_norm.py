@@ -7,7 +7,7 @@ better: closing the generalization gap in large batch training of neural network
   as the official main_gbn.py gets by forwarding each chunk separately. Evaluation uses the running
   statistics, as BatchNorm does; a ghost batch as large as the batch is exactly BatchNorm.
 - `adapt_regime`: the paper's regime adaptation, which keeps the number of updates of the small-batch
-  regime: lr × √(B_L/B_S), and the steps and lr-drop milestones × B_L/B_S.
+  regime: lr × √(B_L/B_S), and the epochs and lr-drop epochs × B_L/B_S (`Regime` converts to steps).
 
 The official GBN runs also clip the gradient norm at 5; that is the optimizer's business
 (torch.nn.utils.clip_grad_norm_), not the layer's.
@@ -16,7 +16,6 @@ The official GBN runs also clip the gradient norm at 5; that is the optimizer's 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,26 +119,43 @@ def to_ghost_batch_norm_(model: nn.Module, virtual_batch_size: int) -> nn.Module
 
 @dataclass(frozen=True)
 class Regime:
+    """A training regime in epochs, as the paper states them: lr, length and lr-drop epochs at a batch size."""
+
     lr: float
-    steps: int
-    milestones: tuple[int, ...]
+    epochs: float
+    batch_size: int
+    milestones: tuple[float, ...] = ()
+
+    def steps(self, dataset_size: int) -> int:
+        """Optimizer steps of the regime on ``dataset_size`` samples."""
+        return max(1, round(self.epochs * dataset_size / self.batch_size))
+
+    def milestone_steps(self, dataset_size: int) -> tuple[int, ...]:
+        """The lr-drop epochs as step counts (e.g. for torch's MultiStepLR)."""
+        return tuple(max(1, round(m * dataset_size / self.batch_size)) for m in self.milestones)
 
 
-def adapt_regime(lr: float, steps: int, batch_size: int, new_batch_size: int, milestones: Sequence[int] = ()) -> Regime:
-    """The small-batch regime ``(lr, steps, milestones)`` at ``batch_size``, adapted to ``new_batch_size``:
-    lr × √(B_L/B_S) and steps, milestones × B_L/B_S (rounded), so the number of updates is kept."""
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("new_batch_size", new_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(lr, int | float) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    if any(not isinstance(m, int) or not 0 < m <= steps for m in milestones):
-        raise ValueError(f"milestones must be integers in [1, steps={steps}], got {list(milestones)}")
-    ratio = new_batch_size / batch_size
+def adapt_regime(regime: Regime, new_batch_size: int) -> Regime:
+    """The paper's regime adaptation of ``regime`` to ``new_batch_size`` (B_L; B_S = ``regime.batch_size``):
+    lr × √(B_L/B_S), epochs and lr-drop epochs × B_L/B_S, so the large batch takes as many updates as the
+    small-batch regime did (main_normal.py)."""
+    if not isinstance(regime, Regime):
+        raise TypeError(f"regime must be a Regime, got {type(regime).__name__}")
+    if not (isinstance(regime.lr, int | float) and regime.lr > 0):
+        raise ValueError(f"regime.lr must be a number > 0, got {regime.lr!r}")
+    if not (isinstance(regime.epochs, int | float) and regime.epochs > 0):
+        raise ValueError(f"regime.epochs must be a number > 0, got {regime.epochs!r}")
+    if any(not 0 < m <= regime.epochs for m in regime.milestones):
+        raise ValueError(f"regime.milestones must lie in (0, epochs={regime.epochs}], got {list(regime.milestones)}")
+    for name, b in (("regime.batch_size", regime.batch_size), ("new_batch_size", new_batch_size)):
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"{name} must be a positive integer, got {b!r}")
+    ratio = new_batch_size / regime.batch_size
     return Regime(
-        lr=lr * math.sqrt(ratio),
-        steps=max(1, round(steps * ratio)),
-        milestones=tuple(max(1, round(m * ratio)) for m in milestones),
+        lr=regime.lr * math.sqrt(ratio),
+        epochs=regime.epochs * ratio,
+        batch_size=new_batch_size,
+        milestones=tuple(m * ratio for m in regime.milestones),
     )
 
 
@@ -148,7 +164,7 @@ register_batch_method(
         name="ghost-batch-norm",
         paper=GBN_PAPER,
         summary="BatchNorm over ghost batches of B_S samples inside a large batch, plus regime adaptation "
-        "(lr x sqrt(B_L/B_S), steps x B_L/B_S)",
+        "(lr x sqrt(B_L/B_S), epochs x B_L/B_S: as many updates as the small batch)",
         entry="trainlab.schedules.GhostBatchNorm, trainlab.schedules.adapt_regime",
         defaults={"virtual_batch_size": 128, "eps": 1e-5, "momentum": 0.1},
     )
