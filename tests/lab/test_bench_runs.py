@@ -126,3 +126,43 @@ def test_a_diverged_seed_counts_as_worst_in_medians_and_gets_a_line():
     assert "| lion | 3 | diverged | diverged |" in report
     assert "- sgd seed 2 diverged at step 7" in report
     assert "- lion seed 1 diverged at step 3" in report and "- lion seed 2 diverged at step 3" in report
+
+
+def test_version(capsys):
+    import trainlab
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"trainlab {trainlab.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["bench", "--workload", "digts-mlp"], "did you mean digits-mlp"),
+        (["bench", "--workload", "tiny", "--algorithms", "adamW"], "did you mean adamw?"),
+        (["bench", "--workload", "tiny", "--algorithms", "lino"], "did you mean lion"),
+        (["bench", "--workload", "tiny", "--schedule", "wds"], "did you mean wsd"),
+        (["compress", "--workload", "tiny", "--method", "magnitde", "--out", "x"], "did you mean magnitude?"),
+        (["bnch"], "did you mean bench?"),
+        (
+            ["bench", "--workload", "tiny", "--hp", "adamW.lr=5"],
+            "'adamW' (not in this bench); choose one of: sgd, adamw, lion, muon, stable-spam; did you mean adamw?",
+        ),
+    ],
+)
+def test_misspelled_names_get_a_suggestion(registered_tiny, tmp_path, capsys, argv, suggestion):
+    try:
+        code = main([*argv, "--out", str(tmp_path)] if argv[0] == "bench" else argv)
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    assert suggestion in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_hp_values_for_a_later_algorithm_fail_before_anything_trains(registered_tiny, tmp_path, capsys):
+    code = main(["bench", "--workload", "tiny", "--algorithms", "adamw,sgd", "--hp", "sgd.lr=-5", "--steps", "20",
+                 "--out", str(tmp_path / "b"), "--quiet"])  # fmt: skip
+    assert code == 2 and "hyperparameters of sgd on tiny: lr must be" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # nothing trained, nothing written

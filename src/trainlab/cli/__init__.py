@@ -16,7 +16,11 @@ COMMANDS = (bench, listing, verify, docs, compress, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainlab", description=__doc__.splitlines()[0])
+    import trainlab
+    from trainlab.cli.suggestions import SuggestingParser
+
+    parser = SuggestingParser(prog="trainlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"trainlab {trainlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
@@ -29,8 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as err:
-        print(f"trainlab {args.command}: error: {err}", file=sys.stderr)
+        from trainlab.cli.suggestions import with_suggestion
+
+        print(f"trainlab {args.command}: error: {with_suggestion(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ntrainlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,14 +40,16 @@ class BenchConfig:
 
 
 def validate(config: BenchConfig) -> list[Workload]:
-    """Check every name before any training starts, so a typo costs no compute."""
+    """Check every name and hyperparameter value before any training starts, so a typo costs no compute."""
     workloads = [get_workload(name) for name in config.workloads]
     for algorithm in config.algorithms:
         local.algorithm_spec(algorithm)
         if config.schedule is not None and local.is_local(algorithm):
             raise ValueError(f"a schedule applies to optimizers; {algorithm!r} is a local-training method")
+    _check_override_names(config)
+    for algorithm in config.algorithms:
         for w in workloads:
-            resolve_hyperparameters(algorithm, w, config.hyperparameters)
+            _check_values(w, algorithm, resolve_hyperparameters(algorithm, w, config.hyperparameters))
     if config.schedule is not None:
         from trainlab.schedules import scheduler_names
 
@@ -58,6 +60,25 @@ def validate(config: BenchConfig) -> list[Workload]:
     if config.steps is not None and (not isinstance(config.steps, int) or config.steps < 1):
         raise ValueError(f"steps must be a positive integer, got {config.steps!r}")
     return workloads
+
+
+def _check_override_names(config: BenchConfig) -> None:
+    """A per-algorithm override (``adamw.lr=...``) must name an algorithm of this bench."""
+    for key, value in (config.hyperparameters or {}).items():
+        if isinstance(value, Mapping) and key not in config.algorithms:
+            first = next(iter(value), "")
+            raise ValueError(
+                f"--hp {key}.{first} names unknown algorithm '{key}' (not in this bench); choose one of: "
+                f"{', '.join(config.algorithms)}"
+            )
+
+
+def _check_values(workload: Workload, algorithm: str, hp: Mapping[str, Any]) -> None:
+    """Build the algorithm's optimizer (or local trainer) on a fresh model, where every value is checked."""
+    try:
+        local.make_trainer(workload, algorithm, hp, 0)(workload.make_model())
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"hyperparameters of {algorithm} on {workload.name}: {err}") from None
 
 
 def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
