@@ -12,9 +12,10 @@ and the batch only grows: ``b ← min(max(b, ⌈b'⌉), b_max)``. Defaults η = 
 official scripts' choices). The inner products run over the whole parameter vector, as in the paper;
 tests.py computes them per tensor and sums the variances, which drops the covariances between tensors.
 
-Per-sample gradients come from ``torch.func.vmap`` (as tests.py does), on at most ``test_samples`` samples
-of the batch (the statistics are then estimated on that subset; the step still uses the whole batch's
-gradient). Models whose forward mixes samples (BatchNorm in training mode) use ``micro_batch``
+Per-sample gradients come from ``torch.func.vmap`` (as tests.py does), on the first ``test_samples``
+samples of the batch (the statistics are then estimated on that subset, so draw batches in random order;
+the step still uses the whole batch's gradient). The first vmap call of a process costs several seconds
+(torch.func's one-time setup). Models whose forward mixes samples (BatchNorm in training mode) use ``micro_batch``
 instead: the batch is split into micro-batches of that size, and ``micro_batch · Var_j(h_j)`` of the
 micro-batch mean gradients h_j estimates the per-sample variances.
 """
@@ -37,16 +38,27 @@ LossOf = Callable[[Any, Any], Tensor]  # loss_fn(model, batch) -> mean loss over
 ADADAGRAD_PAPER = "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods (Lau, Liu, Kolar, 2024)"
 
 
-def _rows(gradients: Sequence[Tensor]) -> Tensor:
-    """``[k, D]``: row j is the j-th gradient over all parameters, flattened (float64 for the statistics)."""
+def _row_statistics(gradients: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(‖g_j‖², ⟨g_j, ḡ⟩, ‖ḡ‖²)`` over the whole parameter vector, for the k rows j, in float64.
+
+    One tensor at a time (no ``[k, D]`` concatenation): each is ``[k, *param.shape]``.
+    """
     if not gradients:
         raise ValueError("gradients must hold one [k, *shape] tensor per parameter, got none")
     k = gradients[0].shape[0]
     if k < 2 or any(g.shape[0] != k for g in gradients):
         raise ValueError(
-            f"every gradient tensor needs the same leading size k >= 2 (rows), got {[g.shape[0] for g in gradients]}"
+            f"every gradient tensor needs the same leading size k >= 2, got {[g.shape[0] for g in gradients]}"
         )
-    return torch.cat([g.detach().reshape(k, -1).double() for g in gradients], dim=1)
+    sq_norms = torch.zeros(k, dtype=torch.float64, device=gradients[0].device)
+    inner, mean_sq = torch.zeros_like(sq_norms), sq_norms.new_zeros(())
+    for g in gradients:
+        rows = g.detach().reshape(k, -1).double()
+        mean = rows.mean(0)
+        sq_norms += (rows * rows).sum(1)
+        inner += rows @ mean
+        mean_sq += mean @ mean
+    return sq_norms, inner, mean_sq
 
 
 def proposed_batch_size(
@@ -63,22 +75,24 @@ def proposed_batch_size(
     ``gradients`` holds one tensor per parameter, shaped ``[k, *param.shape]``: row j is sample j's
     gradient, or the mean gradient of micro-batch j when ``samples_per_row`` > 1 (its variance is then
     scaled by ``samples_per_row`` to estimate the per-sample one). A zero mean gradient gives ``inf``.
+
+    The variances come from row norms and inner products: ``Σ_coords Var(g) = (Σ‖g_j‖² − k‖ḡ‖²)/(k−1)``,
+    and since the coefficients ⟨g_j, ḡ⟩/‖ḡ‖² average to 1 the orthogonal parts have mean zero, so their
+    summed variance is ``Σ(‖g_j‖² − ⟨g_j, ḡ⟩²/‖ḡ‖²)/(k−1)``.
     """
     if test not in TESTS:
         raise ValueError(f"test must be one of {TESTS}, got {test!r}")
-    g = _rows(gradients)
-    mean = g.mean(0)
-    sq = mean.dot(mean)
+    sq_norms, inner, sq = _row_statistics(gradients)
+    k = sq_norms.numel()
     if sq == 0:
         return math.inf
     if test == "norm":
-        return float(samples_per_row * g.var(0, correction=1).sum() / (eta**2 * sq))
-    inner = g @ mean
+        return float(samples_per_row * (sq_norms.sum() - k * sq) / (k - 1) / (eta**2 * sq))
     ip = float(samples_per_row * inner.var(correction=1) / (theta**2 * sq**2))
     if test == "inner_product":
         return ip
-    ortho = g - torch.outer(inner / sq, mean)
-    return max(ip, float(samples_per_row * ortho.var(0, correction=1).sum() / (nu**2 * sq)))
+    ortho = (sq_norms - inner * inner / sq).sum() / (k - 1)
+    return max(ip, float(samples_per_row * ortho / (nu**2 * sq)))
 
 
 def _split(batch: Any, size: int) -> list[Any]:
