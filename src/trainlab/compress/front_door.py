@@ -162,7 +162,7 @@ def _other_weighted(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _prune(name: str, module: nn.Module, compressor: str, level: Any) -> str | None:
+def _prune(module: nn.Module, compressor: str, level: Any) -> str | None:
     """Prune one layer of the copy in place; the reason when it must stay dense."""
     spec = get_compressor(compressor)
     if spec.kind == "nm":
@@ -260,7 +260,7 @@ def compress(
     notes: dict[str, str] = {}
     for name, rules in resolved.items():
         if rules.prune is not None:
-            skipped = _prune(name, out_layers[name], *rules.prune)
+            skipped = _prune(out_layers[name], *rules.prune)
             if skipped is not None:
                 notes[name] = skipped
     unpruned = set(notes)
