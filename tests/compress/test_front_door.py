@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trainlab.compress import Plan, allocate_plan, compress, compressible_layers
+from trainlab.compress.export import load_model, save_model
 from trainlab.compress.masks import get_mask
 from trainlab.compress.quant import mixed
 from trainlab.compress.quant.apply import quantize_model
@@ -65,7 +66,7 @@ def test_the_callers_model_is_untouched_modes_and_flags_included():
     assert result.second_order and set(result.hessians) == {"block.fc1", "head"}
 
 
-def test_pruned_then_quantized_layers_stack_deliberately():
+def test_pruned_then_quantized_layers_stack_deliberately(tmp_path):
     model, calib = Net(), _batches()
     plan = Plan([(".*", "rtn", 8), (".*", "magnitude", 0.6), ("head", "rtn", 3)])  # head: one quantizer, 3 bits
     result = compress(model, plan, calibration=calib)
@@ -74,6 +75,10 @@ def test_pruned_then_quantized_layers_stack_deliberately():
     assert int((head.weight == 0).sum()) == round(0.6 * head.weight.numel())
     assert torch.equal(head.weight == 0, ~get_mask(head))
     assert torch.equal(result.weights["head"].dequantize(torch.float32), head.weight)  # 0 is on the RTN grid
+    path = tmp_path / "stacked.safetensors"
+    save_model(result.model, path, result.weights)
+    reloaded = load_model(path, Net)
+    assert torch.equal(get_mask(reloaded.head), get_mask(head)) and torch.equal(reloaded.head.weight, head.weight)
     again = compress(model, plan, calibration=calib, second_order=True)  # GPTQ moves pruned entries: re-masked
     assert int((again.model.head.weight == 0).sum()) == round(0.6 * head.weight.numel())
     assert "cleared by the mask" in again.report.layers["head"].note
