@@ -28,7 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from trainlab.cli.config_file import apply_config, config_path
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    path = config_path(argv)
+    if path is not None:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        command = next((a for a in argv if a in commands), None)
+        try:
+            if command is None or not any(a.dest == "config" for a in commands[command]._actions):
+                raise ValueError("--config applies to a command that takes it (bench, compress)")
+            apply_config(commands[command], path)
+        except ValueError as err:
+            print(f"trainlab {command or ''}: error: {err}".replace("  ", " "), file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         return args.func(args)

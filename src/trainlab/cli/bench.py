@@ -37,10 +37,15 @@ def parse_hyperparameters(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainlab.lab.bench import BenchConfig, run_bench
+    from trainlab.lab.bench import DEMO_WORKLOADS, BenchConfig, run_bench
 
+    for module in args.imports:  # user code that registers workloads with register_workload
+        load_module(module)
+    workloads = args.workload
+    if args.model is not None or args.data is not None:
+        workloads = [*(workloads or []), _user_workload(args)]
     config = BenchConfig(
-        workloads=args.workload,
+        workloads=workloads or list(DEMO_WORKLOADS),
         algorithms=args.algorithms,
         seeds=args.seeds,
         steps=args.steps,
@@ -66,11 +71,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_module(name: str) -> None:
+    import importlib
+
+    from trainlab.lab.user_models import load_object
+
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        load_object(f"{name}:__name__", "--import")  # the same search path and message as --model
+
+
+def _user_workload(args: argparse.Namespace) -> str:
+    from trainlab.lab.user_workload import register_user_workload, user_workload
+
+    if args.model is None or args.data is None:
+        raise ValueError("--model and --data go together (the user's model factory and its batches)")
+    workload = user_workload(
+        args.model, args.data, loss=args.loss, steps=args.steps or 200, batch_size=args.batch_size, target=args.target
+    )
+    return register_user_workload(workload)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from trainlab.lab.bench import DEMO_ALGORITHMS, DEMO_WORKLOADS
+    from trainlab.lab.user_models import SPEC_HELP
 
     p = subparsers.add_parser("bench", help="train algorithms on workloads; write results, report and plots")
-    p.add_argument("--workload", type=_csv, default=list(DEMO_WORKLOADS), help="comma-separated workloads")
+    p.add_argument(
+        "--workload", type=_csv, default=None, help=f"comma-separated workloads (default: {','.join(DEMO_WORKLOADS)})"
+    )
+    p.add_argument("--model", default=None, help=f"your own model: {SPEC_HELP.split(', or ')[1]} (with --data)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="your batches: pkg.module:make_batch (make_batch(batch_size, generator) -> batch) or pkg.module:batches "
+        "(a list of batches or a callable returning one; the last fifth is held out for evaluation)",
+    )
+    p.add_argument("--loss", default=None, help="pkg.module:fn, fn(model, batch) -> scalar (default: see docs)")
+    p.add_argument("--batch-size", type=int, default=32, help="with --data pkg.module:make_batch: its batch size")
+    p.add_argument("--target", type=float, default=None, help="with --model: evaluation loss to reach (default: none)")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="PKG.MODULE",
+        help="import your module first (repeatable), e.g. one that registers workloads with register_workload",
+    )
     p.add_argument("--algorithms", type=_csv, default=list(DEMO_ALGORITHMS), help="comma-separated names")
     p.add_argument("--seeds", type=int, default=1, help="seeds per (workload, algorithm)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the workload's)")
@@ -88,5 +136,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the results of a bench of another configuration in --out"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--config", default=None, metavar="RUN.TOML", help="options from a TOML file (the command line wins)"
+    )
     p.set_defaults(func=run)
     return p

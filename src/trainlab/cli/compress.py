@@ -118,6 +118,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--config", default=None, metavar="RUN.TOML", help="options from a TOML file (the command line wins)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -136,7 +139,10 @@ def _check_source(args: argparse.Namespace) -> None:
 
 
 def _check_common(args: argparse.Namespace) -> None:
+    from trainlab.lab.bench_files import check_writable
+
     _check_source(args)
+    check_writable(Path(args.out))  # before any training
     if args.calibration_batches <= 0:
         raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
     if args.steps is not None and args.steps <= 0:
@@ -229,6 +235,7 @@ def _check_pruning(args: argparse.Namespace) -> tuple[list[float], str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainlab.lab.bench_files import write_run_record
     from trainlab.lab.compress_run import CompressionJob, prune_workload, quantize_workload
     from trainlab.lab.compress_user import compress_user_model
 
@@ -262,5 +269,6 @@ def run(args: argparse.Namespace) -> int:
             recover_steps=args.recover_steps,
         )
         report = compress_user_model(job) if args.model else prune_workload(job)
+    write_run_record(Path(args.out), {k: v for k, v in vars(args).items() if k != "func"})
     print(report.read_text())
     return 0

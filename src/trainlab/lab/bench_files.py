@@ -27,11 +27,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def prepare_out(out: Path, config: Mapping[str, Any], overwrite: bool = False) -> dict[str, Any]:
-    """Create ``out`` and write ``run.json`` (``{"provenance": ..., "config": config}``); returns the provenance.
-
-    Refuses (ValueError naming the fields) a directory holding a bench of another configuration unless
-    ``overwrite``, and names ``--out`` when it cannot be written."""
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file into it: ValueError naming ``--out`` when that fails."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test.")
@@ -40,6 +37,22 @@ def prepare_out(out: Path, config: Mapping[str, Any], overwrite: bool = False) -
         raise ValueError(
             f"--out {out} cannot be written ({err.strerror or err}); choose a writable directory"
         ) from None
+
+
+def write_run_record(out: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``run.json``: the resolved configuration and its provenance; returns the provenance."""
+    record = provenance()
+    text = json.dumps({"provenance": record, "config": json.loads(json.dumps(config, default=str))}, indent=1)
+    atomic_write_text(out / "run.json", text)
+    return record
+
+
+def prepare_out(out: Path, config: Mapping[str, Any], overwrite: bool = False) -> dict[str, Any]:
+    """Create ``out`` and write ``run.json`` (``{"provenance": ..., "config": config}``); returns the provenance.
+
+    Refuses (ValueError naming the fields) a directory holding a bench of another configuration unless
+    ``overwrite``, and names ``--out`` when it cannot be written."""
+    check_writable(out)
     previous = out / "run.json"
     config = json.loads(json.dumps(config, default=repr))
     if previous.exists() and not overwrite:
@@ -58,9 +71,7 @@ def prepare_out(out: Path, config: Mapping[str, Any], overwrite: bool = False) -
             f"--out {out} holds results.json without run.json (an older bench); pass --overwrite to replace it, or "
             "choose another --out"
         )
-    record = provenance()
-    atomic_write_text(previous, json.dumps({"provenance": record, "config": config}, indent=1))
-    return record
+    return write_run_record(out, config)
 
 
 class TrainLossLog:
