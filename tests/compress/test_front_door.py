@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trainlab.compress import Plan, allocate_plan, compress, compressible_layers
-from trainlab.compress.export import load_model, save_model
+from trainlab.compress.export import load_model
 from trainlab.compress.masks import get_mask
 from trainlab.compress.quant import mixed
 from trainlab.compress.quant.apply import quantize_model
@@ -76,7 +76,7 @@ def test_pruned_then_quantized_layers_stack_deliberately(tmp_path):
     assert torch.equal(head.weight == 0, ~get_mask(head))
     assert torch.equal(result.weights["head"].dequantize(torch.float32), head.weight)  # 0 is on the RTN grid
     path = tmp_path / "stacked.safetensors"
-    save_model(result.model, path, result.weights)
+    result.save(path)
     reloaded = load_model(path, Net)
     assert torch.equal(get_mask(reloaded.head), get_mask(head)) and torch.equal(reloaded.head.weight, head.weight)
     again = compress(model, plan, calibration=calib, second_order=True)  # GPTQ moves pruned entries: re-masked

@@ -70,16 +70,13 @@ def _level(name: str):
 
 
 def _reload(name: str, result, make_model, path):
-    """Through the one save/load path (export.save_model: packed, sparse and masked-packed layers); structured
-    compressors change the architecture, so their files carry it (save_structured)."""
-    from trainlab.compress.export import load_model, save_model
-    from trainlab.compress.structured import load_structured, save_structured
+    """``result.save``: the one save path (packed, sparse and masked-packed layers; a sliced structured model
+    with its architecture)."""
+    from trainlab.compress.export import load_model
+    from trainlab.compress.structured import load_structured
 
-    if get_compressor(name).kind == "structured":
-        save_structured(result.model, path)
-        return load_structured(path)
-    save_model(result.model, path, result.weights)
-    return load_model(path, make_model)
+    assert result.save(path) == path.stat().st_size
+    return load_structured(path) if get_compressor(name).kind == "structured" else load_model(path, make_model)
 
 
 @pytest.mark.parametrize("name", compressor_names())

@@ -14,6 +14,7 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,21 @@ class CompressionResult:
     second_order: bool
     group_size: int | None
     hessians: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> int:
+        """Write the compressed model through the one save path (:func:`.export.save_model`: packed layers, sparse
+        masks, tied weights once; a sliced structured model with its architecture, :func:`.structured.
+        save_structured`), with the method and the plan in the metadata; returns the file size in bytes. Reload
+        with :func:`.export.load_model` (or :func:`.structured.load_structured`)."""
+        if self.plan.structured is not None:
+            from trainlab.compress.structured import save_structured
+
+            save_structured(self.model, path)
+            return Path(path).stat().st_size
+        from trainlab.compress.export import save_model
+
+        meta = {"method": self.method, "plan": self.plan.to_json(), **(metadata or {})}
+        return save_model(self.model, path, self.weights, metadata=meta)
 
     def quantized_weight_count(self) -> int:
         layers = compressible_layers(self.model)
