@@ -88,9 +88,8 @@ def distortion_curves(
             curve = []
             for level in levels[name]:
                 with substituted_weight(module, weight_at(name, level)):
-                    err = sum(
-                        F.mse_loss(output_of(model, x), d, reduction="sum").item() for x, d in zip(inputs, dense, strict=True)
-                    )
+                    pairs = zip(inputs, dense, strict=True)
+                    err = sum(F.mse_loss(output_of(model, x), d, reduction="sum").item() for x, d in pairs)
                 curve.append(err / sum(d.numel() for d in dense))
             curves[name] = curve
             if progress is not None:
