@@ -2,6 +2,7 @@
 
 from trainlab.optim import recipes  # noqa: F401  (registers every named optimizer)
 from trainlab.optim.accounting import state_bytes
+from trainlab.optim.model_groups import create_optimizer, routing_table
 from trainlab.optim.optimizer import ChainOptimizer
 from trainlab.optim.registry import OptimizerSpec, create, get_spec, optimizer_names, register_optimizer
 from trainlab.optim.routing import matrices_to, partition
@@ -14,10 +15,12 @@ __all__ = [
     "OptimizerSpec",
     "chain",
     "create",
+    "create_optimizer",
     "get_spec",
     "matrices_to",
     "optimizer_names",
     "partition",
     "register_optimizer",
+    "routing_table",
     "state_bytes",
 ]
