@@ -18,10 +18,19 @@ from torch import nn
 from trainlab.compress.formats import Packed
 from trainlab.compress.masks import apply_mask, get_mask, mask_pattern, masked_layers
 from trainlab.compress.registry import parse_pattern
-from trainlab.compress.sparse_formats import MASKED_FORMATS, SPARSE_FORMATS, MaskedWeight, encode_sparse
+from trainlab.compress.sparse_formats import (
+    MASKED_FORMATS,
+    SPARSE_FORMATS,
+    BitmaskWeight,
+    CSRWeight,
+    MaskedWeight,
+    NMWeight,
+    encode_sparse,
+)
 from trainlab.compress.storage import dequantized, load, packed_ties, retie, save, shared_aliases, tied_aliases
 
 FORMATS = SPARSE_FORMATS
+SPARSE_TYPES = (BitmaskWeight, CSRWeight, NMWeight)  # pruned only: no quantized layer to run
 
 
 def _weight_key(name: str) -> str:
@@ -66,9 +75,11 @@ def save_model(
     return save(path, state, stored, metadata, packed_ties(tied_aliases(model), state, stored))
 
 
-def load_model(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
+def load_model(path: str | Path, make_model: Callable[[], nn.Module], *, runtime: str | None = None) -> nn.Module:
     """A fresh ``make_model()`` with the file's weights (packed layers dequantized, conv kernels reshaped back, in
-    the model's dtypes), its masks re-armed and its tied weights tied again."""
+    the model's dtypes), its masks re-armed and its tied weights tied again. ``runtime`` (a
+    :class:`~.quantized_linear.QuantizedLinear` mode such as ``"auto"``): quantized ``nn.Linear`` layers come back
+    as ``QuantizedLinear`` modules on the low-bit kernels instead (:func:`~.quantized_linear.runtime_model`)."""
     state, packed = load(path)
     model = make_model()
     own = model.state_dict()
@@ -85,7 +96,12 @@ def load_model(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Modu
             done.add(id(obj))
             module = modules[key.rsplit(".", 1)[0] if "." in key else ""]
             apply_mask(module, obj.mask.reshape(module.weight.shape), obj.pattern)
-    return model
+    if runtime is None:
+        return model
+    from trainlab.compress.quantized_linear import runtime_model
+
+    quantized = {k.removesuffix(".weight"): v for k, v in packed.items() if not isinstance(v, SPARSE_TYPES)}
+    return runtime_model(model, {k: v for k, v in quantized.items() if k in modules}, mode=runtime)
 
 
 def save_compressed(

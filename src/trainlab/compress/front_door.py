@@ -100,6 +100,20 @@ class CompressionResult:
         meta = {"method": self.method, "plan": self.plan.to_json(), **(metadata or {})}
         return save_model(self.model, path, self.weights, metadata=meta)
 
+    def runtime_model(self, mode: str = "auto") -> nn.Module:
+        """A copy of ``model`` whose quantized ``nn.Linear`` layers are
+        :class:`~.quantized_linear.QuantizedLinear` modules running on PyTorch's low-bit CPU kernels where the
+        format allows (``mode``: see that class; pruned positions stay exactly zero)."""
+        from trainlab.compress.quantized_linear import runtime_model
+        from trainlab.compress.sparse_formats import MaskedWeight
+
+        modules = dict(self.model.named_modules())
+        weights = {
+            n: q if get_mask(modules[n]) is None else MaskedWeight(q, get_mask(modules[n]))
+            for n, q in self.weights.items()
+        }
+        return runtime_model(self.model, weights, mode=mode)
+
     def quantized_weight_count(self) -> int:
         layers = compressible_layers(self.model)
         return sum(layers[k].weight.numel() for k in self.weights)

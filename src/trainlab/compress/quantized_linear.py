@@ -1,0 +1,183 @@
+"""Quantized layers that run on PyTorch's low-bit CPU kernels instead of dequantize-then-matmul.
+
+:class:`QuantizedLinear` holds a packed weight and picks, once at construction, how its forward runs
+(``.kernel``, with ``.reason`` saying why):
+
+* ``int4``: ``aten._weight_int4pack_mm_for_cpu`` for uniform grids of at most 4 bits. The kernel computes
+  ``(q - 8) * scale + zero`` per group, so a trainlab grid ``(q - z) * s`` maps to ``scale = s`` and
+  ``zero = (8 - z) * s``. It needs output rows divisible by 16 and a kernel group of 32, 64, 128 or 256 that
+  divides both the input size and trainlab's group (a per-channel grid repeats its scale over kernel groups).
+  Where every ``q - z + 8`` lies in [0, 15] (symmetric grids, asymmetric grids up to 3 bits) the codes are moved
+  onto the kernel's zero point instead, so the bfloat16 zero term is exactly 0 and adds no rounding.
+  Activations, scales and zeros run in bfloat16 (the only fast dtype of this kernel on CPUs; float32 and float16
+  take its slow reference path), the output is cast back to the input's dtype.
+* ``int8``: ``aten._weight_int8pack_mm`` for per-channel grids whose ``q - z`` fits int8 (symmetric 5-8 bits),
+  bfloat16 activations and scales.
+* ``cached``: the weight dequantized once and kept in float32 (memory for speed: 4 bytes a weight).
+* ``dequantize``: the weight dequantized at every call (trainlab's packed path; least memory, slowest).
+
+``mode="auto"`` takes a kernel where the format and shape allow it and ``dequantize`` otherwise. Both kernels
+round activations to bfloat16, so outputs equal the dequantized reference to bfloat16 precision, not float32's;
+``mode="cache"`` keeps float32 results. :func:`runtime_model` swaps every quantized ``nn.Linear`` of a model for
+this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from trainlab.compress.formats import Packed
+from trainlab.compress.quant.grids import QuantizedWeight, expand_groups
+from trainlab.compress.sparse_formats import MaskedWeight
+
+MODES = ("auto", "kernel", "cache", "dequantize")
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts, largest first
+INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu needs output rows divisible by this
+KERNEL_DTYPE = torch.bfloat16
+
+
+def _int4_group(w: QuantizedWeight) -> tuple[int | None, str]:
+    """The kernel group size for ``w`` (None when the int4 kernel cannot run it) and why."""
+    rows, cols = w.shape
+    if w.bits > 4:
+        return None, f"{w.bits}-bit codes do not fit the int4 kernel"
+    if rows % INT4_ROWS:
+        return None, f"output size {rows} is not divisible by {INT4_ROWS} (int4 kernel)"
+    if w.group_size is not None and cols % w.group_size:
+        return None, f"input size {cols} is not a multiple of group size {w.group_size} (int4 kernel)"
+    span = cols if w.group_size is None else w.group_size
+    for g in KERNEL_GROUPS:
+        if span % g == 0 and cols % g == 0:
+            return g, f"int4 kernel, group {g}"
+    return None, f"group of {span} inputs is not a multiple of 32, 64, 128 or 256 (int4 kernel)"
+
+
+def _int8_fits(w: QuantizedWeight) -> tuple[bool, str]:
+    rows, cols = w.shape
+    if w.group_size is not None and w.group_size < cols:
+        return False, f"groups of {w.group_size} inputs: the int8 kernel has one scale per output channel"
+    low, high = (w.codes.int() - w.zero.int()).aminmax() if w.codes.numel() else (torch.tensor(0), torch.tensor(0))
+    if low < -128 or high > 127:
+        return False, "codes minus zero points leave the int8 range (asymmetric 8-bit grid)"
+    return True, "int8 kernel, per-channel scales"
+
+
+def _grid(packed: Packed) -> Packed:
+    """A pruned uniform grid (:class:`~.sparse_formats.MaskedWeight` over a :class:`QuantizedWeight`) as a plain
+    grid whose pruned positions hold their group's zero point, so they dequantize to exactly 0; others as given."""
+    if not (isinstance(packed, MaskedWeight) and isinstance(packed.base, QuantizedWeight)):
+        return packed
+    base = packed.base
+    zero = expand_groups(base.zero, base.shape[1], base.group_size)
+    return replace(base, codes=torch.where(packed.mask.reshape(base.shape), base.codes, zero))
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` a packed weight (``(out_features, in_features)``), run as ``.kernel`` says.
+
+    ``packed``: any packed format (:mod:`.formats`); the low-bit kernels take uniform grids
+    (:class:`~.quant.grids.QuantizedWeight`). ``mode``: ``auto`` (a kernel when possible, else dequantize at
+    every call), ``kernel`` (ValueError naming the reason when no kernel applies), ``cache`` (dequantize once,
+    float32) or ``dequantize``. The module is an inference module: its weight takes no gradient."""
+
+    def __init__(self, packed: Packed, bias: torch.Tensor | None = None, *, mode: str = "auto") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not isinstance(packed, Packed):
+            raise TypeError(f"packed must be a packed weight format (see trainlab.compress.formats), got {packed!r}")
+        self.packed = packed
+        grid = _grid(packed)
+        shape = grid.shape if isinstance(grid, QuantizedWeight) else packed.dequantize(torch.float32).shape
+        self.out_features, self.in_features = shape[0], math.prod(shape[1:])
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kernel, self.reason = self._choose(mode)
+
+    def _choose(self, mode: str) -> tuple[str, str]:
+        if mode == "cache":
+            self.register_buffer("dense", self.packed.dequantize(torch.float32), persistent=False)
+            return "cached", "mode='cache': dequantized once, float32"
+        if mode == "dequantize":
+            return "dequantize", "mode='dequantize'"
+        w = _grid(self.packed)
+        if not isinstance(w, QuantizedWeight):
+            reason = f"{type(w).__name__} has no low-bit kernel (uniform grids only)"
+        else:
+            group, reason = _int4_group(w)
+            if group is not None:
+                self._pack_int4(w, group)
+                return "int4", reason
+            fits, why = _int8_fits(w)
+            if fits:
+                self._pack_int8(w)
+                return "int8", why
+            reason = f"{reason}; {why}"
+        if mode == "kernel":
+            raise ValueError(f"no low-bit kernel runs this weight: {reason}")
+        return "dequantize", reason
+
+    def _pack_int4(self, w: QuantizedWeight, group: int) -> None:
+        rows, cols = w.shape
+        span = cols if w.group_size is None else w.group_size
+        repeat = span // group  # kernel groups per trainlab group
+        scale = w.scale.float().repeat_interleave(repeat, dim=1)[:, : cols // group]
+        zero = w.zero.float().repeat_interleave(repeat, dim=1)[:, : cols // group]
+        shifted = w.codes.int() - expand_groups(w.zero, cols, w.group_size).int() + 8
+        if shifted.min() >= 0 and shifted.max() <= 15:
+            # codes moved onto the kernel's zero point 8: the bfloat16 zero term is exactly 0 (no cancellation)
+            codes, zero = shifted, torch.zeros_like(scale)
+        else:
+            codes, zero = w.codes.int(), (8 - zero) * scale
+        qsz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        self.group = group
+        self.register_buffer("int4_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), False)
+        self.register_buffer("scale_and_zero", qsz, persistent=False)
+
+    def _pack_int8(self, w: QuantizedWeight) -> None:
+        weight = (w.codes.to(torch.int16) - w.zero.to(torch.int16)).to(torch.int8).contiguous()
+        self.register_buffer("int8_weight", weight, persistent=False)
+        self.register_buffer("int8_scale", w.scale[:, 0].to(KERNEL_DTYPE).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "cached":
+            return F.linear(x, self.dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.kernel == "dequantize":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.packed.dequantize(x.dtype).reshape(self.out_features, -1), bias)
+        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        if self.kernel == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_weight, self.group, self.scale_and_zero)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.int8_weight, self.int8_scale)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+def runtime_model(model: nn.Module, weights: Mapping[str, Packed], *, mode: str = "auto") -> nn.Module:
+    """A copy of ``model`` whose ``nn.Linear`` layers named in ``weights`` (layer name -> packed weight, e.g. a
+    compression result's ``weights``) are :class:`QuantizedLinear` modules; other layers (convolutions) stay as
+    they are. ``model`` is not modified."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    unknown = sorted(set(weights) - set(modules))
+    if unknown:
+        raise ValueError(f"weights names modules the model does not have: {unknown}")
+    for name, packed in weights.items():
+        layer = modules[name]
+        if not isinstance(layer, nn.Linear) or not name:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, QuantizedLinear(packed, layer.bias, mode=mode))
+    return out
