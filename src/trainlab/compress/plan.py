@@ -24,9 +24,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from trainlab.compress.registry import compressor_names, get_compressor
-
-__all__ = ["LayerRules", "Plan", "Rule", "compressible_layers", "compressor_names", "get_compressor", "matching"]
+from trainlab.compress.registry import get_compressor
 
 PRUNING_KINDS = ("mask", "nm")
 
