@@ -345,3 +345,18 @@ def test_adalora_rank_pruning_matches_peft() -> None:
         for p, q in pairs:
             torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert sum(la.rank() for la in adapters.adapter_layers(ours).values()) < 8  # something was pruned
+
+
+def test_snell_callback_sets_each_layers_kept_share_from_the_budget() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    model = adapters.attach(net, "snell", targets=[nn.Linear], r=2, sparsity=0.5)
+    cb = adapters.training_callback(model, total_steps=4, target_ratio=0.25)
+    model(torch.randn(5, 8, dtype=D)).pow(2).mean().backward()
+    cb.step(4)  # the last step: the full target budget, 75% of 96 entries kept
+    layers = list(adapters.adapter_layers(model).values())
+    kept = [round((1 - la.kept_sparsity) * la.in_features * la.out_features) for la in layers]
+    assert sum(kept) == 72
+    for la, k in zip(layers, kept, strict=True):
+        assert float(la.sparsity) == pytest.approx(la.kept_sparsity)
+        assert int((la.delta_weight(la.base.weight) != 0).sum()) == pytest.approx(k, abs=1)

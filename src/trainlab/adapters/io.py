@@ -4,6 +4,7 @@ atomically (temporary file, then ``os.replace``). The base model is not saved; l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -58,8 +59,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """A copy of the plain ``model`` with the adapter saved in ``directory`` attached and loaded."""
-    import copy
-
     path = Path(directory)
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
         raise FileNotFoundError(f"{path} holds no trainlab adapter ({CONFIG_FILE} and {TENSORS_FILE} expected)")

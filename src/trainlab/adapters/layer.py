@@ -7,6 +7,7 @@ weight (HUT, Bone/Bat) receive it as an argument and say how to recover it from 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -116,8 +117,6 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merged_module(self) -> nn.Module:
         """A plain copy of the base module whose weight has the delta folded in (this layer is unchanged)."""
-        import copy
-
         plain = copy.deepcopy(self.base)
         w = weight_matrix(plain)
         if not self.merged:
@@ -152,6 +151,10 @@ class AdapterLayer(nn.Module):
                 setattr(module, leaf, nn.Parameter(value.clone(), requires_grad=current.requires_grad))
             else:
                 setattr(module, leaf, value.clone())
+        self.loaded()
+
+    def loaded(self) -> None:
+        """Refresh host-side copies of loaded buffers (kept so that forward never syncs with the device)."""
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"

@@ -39,6 +39,7 @@ class LoRAGALayer(LoRALayer):
         self.register_buffer("init_A", torch.zeros_like(self.lora_A))
         self.register_buffer("init_B", torch.zeros_like(self.lora_B))
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
+        self.is_prepared = False  # host copy of `prepared`: forward checks it without a device sync
 
     @torch.no_grad()
     def initialize_from_gradient(self, grad: torch.Tensor) -> None:
@@ -60,9 +61,13 @@ class LoRAGALayer(LoRALayer):
         for target, value in ((self.lora_A, a), (self.lora_B, b), (self.init_A, a), (self.init_B, b)):
             target.copy_(value.to(target.dtype))
         self.prepared.fill_(True)
+        self.is_prepared = True
+
+    def loaded(self) -> None:
+        self.is_prepared = bool(self.prepared)
 
     def _check_prepared(self) -> None:
-        if self.lora_A.requires_grad and torch.is_grad_enabled() and not bool(self.prepared):
+        if self.lora_A.requires_grad and torch.is_grad_enabled() and not self.is_prepared:
             raise RuntimeError(
                 "lora-ga starts from the gradient: call adapters.prepare(model, batches, loss=...) before training"
             )

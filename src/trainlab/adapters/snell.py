@@ -55,13 +55,21 @@ class SnellLayer(AdapterLayer):
         signs = torch.tensor([0.1 * (-1) ** h for h in range(heads)], **kw)
         self.register_buffer("coefficients", signs)
         self.register_buffer("sparsity", torch.tensor(float(sparsity), **kw))
+        self.kept_sparsity = float(sparsity)  # host copy of `sparsity`: forward needs it without a device sync
+
+    def set_sparsity(self, value: float) -> None:
+        self.sparsity.fill_(value)
+        self.kept_sparsity = float(value)
+
+    def loaded(self) -> None:
+        self.kept_sparsity = float(self.sparsity)
 
     def dense_delta(self) -> torch.Tensor:
         distances = torch.cdist(self.out_q, self.in_q)  # (H, out, in)
         return torch.einsum("h,hoi->oi", self.coefficients, distances)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return keep_largest(self.dense_delta(), float(self.sparsity))
+        return keep_largest(self.dense_delta(), self.kept_sparsity)
 
 
 class SnellCallback(TrainingCallback):
@@ -83,7 +91,7 @@ class SnellCallback(TrainingCallback):
         self.total_steps = check_schedule(total_steps, init_warmup, final_warmup)
         self.layers = list(adapter_layers(model).values())
         self.sizes = torch.tensor([la.in_features * la.out_features for la in self.layers], dtype=torch.float64)
-        kept = torch.tensor([1.0 - float(la.sparsity) for la in self.layers], dtype=torch.float64)
+        kept = torch.tensor([1.0 - la.kept_sparsity for la in self.layers], dtype=torch.float64)
         self.initial = int((kept * self.sizes).sum())
         self.target = int((1.0 - target_ratio) * self.sizes.sum())
         self.init_warmup, self.final_warmup, self.mask_interval = init_warmup, final_warmup, mask_interval
@@ -126,7 +134,7 @@ class SnellCallback(TrainingCallback):
         if mask_now:
             volume = self.allocate(budget)
             for layer, v, size in zip(self.layers, volume.tolist(), self.sizes.tolist(), strict=True):
-                layer.sparsity.fill_(1.0 - v / size)
+                layer.set_sparsity(1.0 - v / size)
 
 
 register_adapter(
