@@ -24,6 +24,13 @@ def run(args: argparse.Namespace) -> int:
         spec = localtrain.get_spec(name)
         defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
         print(f"  {name:<14} {spec.paper}\n  {'':<14} {spec.summary}\n  {'':<14} defaults: {defaults}")
+    from trainlab import adapters
+
+    print("\nAdapters (trainlab finetune --adapter, trainlab.adapters.attach):")
+    for name in adapters.adapter_names():
+        spec = adapters.get_spec(name)
+        defaults = ", ".join(f"{k}={f.default!r}" for k, f in spec.fields.items())
+        print(f"  {name:<14} {spec.paper}\n  {'':<14} {spec.summary}\n  {'':<14} defaults: {defaults}")
     print("\nWorkloads (trainlab bench --workload):")
     for name in workload_names():
         w = get_workload(name)
