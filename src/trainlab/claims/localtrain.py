@@ -31,21 +31,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return round(statistics.fmean(values), 4), round(statistics.stdev(values), 4)
 
 
-def _runs(workload_name: str, algorithm: str, steps: int | None = None, **overrides: Any) -> dict[str, Any]:
+def _runs(
+    workload_name: str, algorithm: str, steps: int | None = None, batch_size: int | None = None, **overrides: Any
+) -> dict[str, Any]:
     """Final accuracy, training wall time and measured activation bytes of ``algorithm`` over five seeds."""
     workload = get_workload(workload_name)
     hp = resolve_hyperparameters(algorithm, workload, {algorithm: overrides})
     steps = steps or local.default_steps(workload, algorithm, hp)
+    batch_size = batch_size or local.batch_size(workload, algorithm)
     accuracy, wall, activations = [], [], []
     for seed in SEEDS:
         result = train(
-            workload,
-            local.make_trainer(workload, algorithm, hp, seed),
-            seed=seed,
-            steps=steps,
-            batch_size=local.batch_size(workload, algorithm),
+            workload, local.make_trainer(workload, algorithm, hp, seed), seed=seed, steps=steps, batch_size=batch_size
         )
-        batch = workload.make_batch(local.batch_size(workload, algorithm), batch_generator(seed, steps))
+        batch = workload.make_batch(batch_size, batch_generator(seed, steps))
         activations.append(local.activation_peak_bytes(workload, result.model, result.optimizer, batch))
         accuracy.append(result.final_metric)
         wall.append(result.wall_time_s)
@@ -54,6 +53,7 @@ def _runs(workload_name: str, algorithm: str, steps: int | None = None, **overri
         "wall time s (mean)": round(statistics.fmean(wall), 2),
         "activation peak bytes": max(activations),
         "steps": steps,
+        "batch size": batch_size,
         "hyperparameters": hp,
     }
 
@@ -172,38 +172,14 @@ def eggroll_rank16() -> ClaimResult:
 )
 def noprop_digits() -> ClaimResult:
     # The paper's batch 128; 800 steps are about 70 epochs of the 1,437 training images (the paper: 100-150).
-    workload = get_workload("digits-mlp")
     bp = _runs("digits-mlp", "backprop")
-    np_runs = _noprop_runs(workload, steps=800, batch_size=128)
+    np_runs = _runs("digits-mlp", "noprop", steps=800, batch_size=128)
     gap = bp["accuracy (mean, std)"][0] - np_runs["accuracy (mean, std)"][0]
     return ClaimResult(
         measured={**np_runs, "gap to backprop (points)": round(100 * gap, 2)},
         baseline=bp,
         passed=gap <= 0.03,
     )
-
-
-def _noprop_runs(workload: Any, steps: int, batch_size: int) -> dict[str, Any]:
-    hp = resolve_hyperparameters("noprop", workload)
-    accuracy, wall = [], []
-    for seed in SEEDS:
-        result = train(
-            workload,
-            local.make_trainer(workload, "noprop", hp, seed),
-            seed=seed,
-            steps=steps,
-            batch_size=batch_size,
-            eval_every=steps,
-        )
-        accuracy.append(result.final_metric)
-        wall.append(result.wall_time_s)
-    return {
-        "accuracy (mean, std)": _mean_std(accuracy),
-        "wall time s (mean)": round(statistics.fmean(wall), 2),
-        "steps": steps,
-        "batch size": batch_size,
-        "hyperparameters": hp,
-    }
 
 
 def _mlp_truncation(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, seed: int) -> tuple:
