@@ -40,6 +40,7 @@ def test_kernel_matches_reference(bits, symmetric, group_size, shape, kernel):
     assert layer.kernel == kernel, layer.reason
     x = torch.randn(2, 5, shape[1])
     y = layer(x)
+    assert layer(torch.randn(5, 2, shape[1]).bfloat16().transpose(0, 1)).shape == (2, 5, shape[0])  # strided input
     assert y.shape == (2, 5, shape[0]) and y.dtype == torch.float32
     ref = kernel_reference(q, x.reshape(-1, shape[1])).reshape(y.shape) + layer.bias.double()
     scale = (x.reshape(-1, shape[1]).abs().double() @ q.dequantize(torch.float64).abs().T).reshape(y.shape)

@@ -85,7 +85,8 @@ class QuantizedLinear(nn.Module):
     ``packed``: any packed format (:mod:`.formats`); the low-bit kernels take uniform grids
     (:class:`~.quant.grids.QuantizedWeight`). ``mode``: ``auto`` (a kernel when possible, else dequantize at
     every call), ``kernel`` (ValueError naming the reason when no kernel applies), ``cache`` (dequantize once,
-    float32) or ``dequantize``. The module is an inference module: its weight takes no gradient."""
+    float32) or ``dequantize``. ``.packed`` keeps the packed weight on the ``dequantize`` path only (the kernels
+    and the cache hold their own copy). The module is an inference module: its weight takes no gradient."""
 
     def __init__(self, packed: Packed, bias: torch.Tensor | None = None, *, mode: str = "auto") -> None:
         super().__init__()
@@ -99,6 +100,8 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = shape[0], math.prod(shape[1:])
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.kernel, self.reason = self._choose(mode)
+        if self.kernel != "dequantize":
+            self.packed = None  # the kernel's own copy (or the cache) replaces it: no second copy of the codes
 
     def _choose(self, mode: str) -> tuple[str, str]:
         if mode == "cache":
@@ -151,7 +154,7 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "dequantize":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.packed.dequantize(x.dtype).reshape(self.out_features, -1), bias)
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()  # the kernels need contiguous rows
         if self.kernel == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_weight, self.group, self.scale_and_zero)
         else:

