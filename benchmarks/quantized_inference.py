@@ -170,8 +170,10 @@ def main() -> None:
             mask = torch.ones_like(ids)
             print(f"MiniLM {bits}-bit batch {batch}", file=sys.stderr, flush=True)
             with torch.inference_mode():
-                times = timed({k: lambda m=m: m(input_ids=ids, attention_mask=mask) for k, m in models.items()},
-                              args.repeats)  # fmt: skip
+                calls = {
+                    k: lambda m=m, ids=ids, mask=mask: m(input_ids=ids, attention_mask=mask) for k, m in models.items()
+                }
+                times = timed(calls, args.repeats)
             title = f"MiniLM-L6 forward, {bits}-bit, batch {batch} x {args.seq} tokens"
             lines += table(title, "tokens/s", batch * args.seq, times, models)
         lines += [f"- {k}: {v}" for k, v in notes.items()]
@@ -179,8 +181,8 @@ def main() -> None:
         prompt = torch.randint(0, 256, (1, 64))
         print(f"pylm {bits}-bit generation", file=sys.stderr, flush=True)
         with torch.inference_mode():
-            times = timed({k: lambda m=m: generate(m, prompt, args.new) for k, m in models.items()},
-                          max(3, args.repeats // 3))  # fmt: skip
+            calls = {k: lambda m=m, prompt=prompt: generate(m, prompt, args.new) for k, m in models.items()}
+            times = timed(calls, max(3, args.repeats // 3))
         lines += table(f"pylm generation, {bits}-bit, batch 1", "bytes/s", args.new, times, models)
     publish("\n".join(lines), args.out)
 
