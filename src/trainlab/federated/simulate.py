@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from trainlab import optim
 from trainlab.federated.aggregator import Aggregator, ClientUpdate
@@ -56,11 +56,14 @@ class LocalTrainer:
         if not isinstance(self.local_steps, int) or self.local_steps < 1:
             raise ValueError(f"local_steps must be a positive integer, got {self.local_steps!r}")
         self.work = copy.deepcopy(self.model)  # the caller's model is never trained in place
+        self.params = list(self.work.parameters())
+        self.opt = optim.create(self.optimizer, self.params, **self.optimizer_args)
 
     def update(self, client: int, round: int, start: Tensor) -> Tensor:
         """``trained - start`` for ``client`` in ``round``; raises ClientFailure when the client drops out."""
-        vector_to_parameters(start, self.work.parameters())
-        opt = optim.create(self.optimizer, self.work.parameters(), **self.optimizer_args)
+        _load(self.params, start)  # a copy, never an alias: the optimizer writes the parameters in place
+        self.opt.state.clear()  # every client starts its local round with fresh optimizer state
+        opt = self.opt
         self.work.train()
         for step in range(self.local_steps):
             if self.fail is not None and step == self.local_steps // 2 and self.fail(client, round):
@@ -68,7 +71,14 @@ class LocalTrainer:
             opt.zero_grad(set_to_none=True)
             self.loss(self.work, self.client_batch(client, round, step)).backward()
             opt.step()
-        return parameters_to_vector(self.work.parameters()).detach() - start
+        return parameters_to_vector(self.params).detach() - start
+
+
+def _load(params: Iterable[Tensor], vector: Tensor) -> None:
+    params = list(params)
+    pieces = vector.split([p.numel() for p in params])
+    with torch.no_grad():
+        torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(pieces, params, strict=True)])
 
 
 def _collect(
@@ -108,10 +118,10 @@ def run_rounds(
         x = x + aggregator.aggregate(updates).to(x.dtype)
         record = {"round": t, "time": float(t + 1), "participants": [u.client for u in updates], "failed": failed}
         if evaluate is not None and ((t + 1) % eval_every == 0 or t + 1 == len(participation)):
-            vector_to_parameters(x, model.parameters())
+            _load(model.parameters(), x)
             record["metric"] = float(evaluate(model))
         run.history.append(record)
-    vector_to_parameters(x, model.parameters())
+    _load(model.parameters(), x)
     return run
 
 
@@ -141,9 +151,9 @@ def run_asynchronous(
             sent[n] = x
         record = {"round": k, "time": time, "participants": [u.client for u in updates], "failed": failed}
         if evaluate is not None and time >= next_eval - 1e-9:
-            vector_to_parameters(x, model.parameters())
+            _load(model.parameters(), x)
             record["metric"] = float(evaluate(model))
             next_eval = (math.floor(time / eval_every_time + 1e-9) + 1) * eval_every_time
         run.history.append(record)
-    vector_to_parameters(x, model.parameters())
+    _load(model.parameters(), x)
     return run
