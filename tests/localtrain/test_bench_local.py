@@ -48,3 +48,18 @@ def test_a_graph_batch_keeps_only_training_labels():
     assert torch.equal(labels[graph.train_idx], graph.labels[graph.train_idx])
     with pytest.raises(TypeError, match="needs \\(inputs, labels\\) batches or a Graph"):
         split_batch(torch.zeros(3))
+
+
+def test_gbnn_runs_one_stage_per_step_on_the_whole_training_set(tmp_path):
+    config = BenchConfig(
+        workloads=["digits-mlp"],
+        algorithms=["gbnn"],
+        hyperparameters={"gbnn": {"total_units": 4, "units_per_stage": 2, "max_iter": 5}},
+        out=tmp_path,
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match="replaced by a boosted"):
+        (result,) = run_bench(config)
+    assert result["steps"] == 2  # the method's own count: 4 units, 2 per stage
+    assert result["final_metric"] > 0.2
+    assert result["activation_peak_bytes"] > 0  # measured on a fresh trainer: a finished GBNN has no unit left

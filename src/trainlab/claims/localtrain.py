@@ -45,7 +45,7 @@ def _runs(
             workload, local.make_trainer(workload, algorithm, hp, seed), seed=seed, steps=steps, batch_size=batch_size
         )
         batch = workload.make_batch(batch_size, batch_generator(seed, steps))
-        activations.append(local.activation_peak_bytes(workload, result.model, result.optimizer, batch))
+        activations.append(local.activation_peak_bytes(workload, algorithm, hp, seed, batch))
         accuracy.append(result.final_metric)
         wall.append(result.wall_time_s)
     return {

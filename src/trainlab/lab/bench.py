@@ -176,7 +176,7 @@ def _run_one(
     step_times = result.step_times_s
     peak_rss = peak_rss_bytes()
     batch = workload.make_batch(local.batch_size(workload, algorithm), batch_generator(seed, steps))
-    activations = local.activation_peak_bytes(workload, result.model, result.optimizer, batch)
+    activations = local.activation_peak_bytes(workload, algorithm, hp, seed, batch)
     return {
         "workload": workload.name,
         "algorithm": algorithm,

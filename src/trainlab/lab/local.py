@@ -8,6 +8,7 @@ a graph, ``inputs = (features, adjacency)`` and nodes outside the training split
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,14 +115,18 @@ def trainer_state_bytes(trainer: torch.optim.Optimizer | BatchTrainer) -> int:
     return state_bytes(trainer)
 
 
-def activation_peak_bytes(
-    workload: Workload, model: nn.Module, trainer: torch.optim.Optimizer | BatchTrainer, batch: Batch
-) -> int:
-    """Measured peak bytes of activations autograd holds during one training step on ``batch``.
+def activation_peak_bytes(workload: Workload, algorithm: str, hp: Mapping[str, Any], seed: int, batch: Batch) -> int:
+    """Measured peak bytes of activations autograd holds during one training step of ``algorithm`` on ``batch``.
 
-    Every tensor saved for backward is counted while it is alive (SavedTensorMeter), parameters excluded.
-    The step really runs: call this after the run whose metrics are reported.
+    Every tensor saved for backward is counted while it is alive (SavedTensorMeter), parameters excluded. The
+    step runs on a freshly built model and trainer (the sizes do not depend on the weights), so a finished run
+    is left as it is (and GBNN, whose units are all used, can still be measured).
     """
+    torch.manual_seed(seed)
+    model = workload.make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # construction warnings were shown when the run itself was built
+        trainer = make_trainer(workload, algorithm, hp, seed)(model)
     local = isinstance(trainer, WorkloadTrainer)
     params = list(trainer.trainer.parameters()) if local else list(model.parameters())
     with SavedTensorMeter(exclude=params) as meter:
@@ -129,6 +134,4 @@ def activation_peak_bytes(
             trainer.train_step(batch)
         else:
             workload.loss(model, batch).backward()
-    if not local:
-        trainer.zero_grad(set_to_none=True)
     return meter.peak_bytes
