@@ -103,8 +103,6 @@ def muon(
         ns_steps: Newton-Schulz iterations.
         ns_dtype: dtype of the Newton-Schulz iterations; None: float32 on the CPU, bfloat16 elsewhere
             (muon.py always iterates in bfloat16).
-        ns_dtype: precision of the Newton-Schulz iteration; None: float32 on the CPU, bfloat16 on
-            accelerators (muon.py's), float64 kept. torch.bfloat16 is muon.py's everywhere.
         weight_decay: decoupled weight decay of the matrices.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW of the other parameters.
         exclude: regular expression of parameter names that go to AdamW although they have 2+ dimensions
