@@ -104,6 +104,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--group-size", type=int, default=None, help="quantization group of input columns (default: whole row)"
     )
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        default=None,
+        help="also quantize embedding tables (rtn, one grid per row) at this bit-width (default: left dense)",
+    )
     p.add_argument("--recover", choices=recover.METHODS, default=None, help="retrain after pruning")
     p.add_argument("--recover-steps", type=int, default=150, help="retraining steps for --recover")
     p.add_argument("--steps", type=int, default=None, help="training steps of the dense model (default: workload's)")
@@ -142,6 +148,8 @@ def _check_common(args: argparse.Namespace) -> None:
     from trainlab.lab.bench_files import check_writable
 
     _check_source(args)
+    if args.embedding_bits is not None and not 2 <= args.embedding_bits <= 8:
+        raise ValueError(f"--embedding-bits must be an integer in [2, 8], got {args.embedding_bits}")
     check_writable(Path(args.out))  # before any training
     if args.calibration_batches <= 0:
         raise ValueError(f"--calibration-batches must be a positive integer, got {args.calibration_batches}")
@@ -252,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
         "model": args.model,
         "calibration": args.calibration,
+        "embedding_bits": args.embedding_bits,
     }
     if args.method in quant_methods():
         bits = _check_quant(args)

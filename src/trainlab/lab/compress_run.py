@@ -53,6 +53,7 @@ class CompressionJob:
     progress: bool = True
     model: str | None = None
     calibration: str | None = None
+    embedding_bits: int | None = None  # also quantize nn.Embedding tables, one grid per row
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,10 @@ def quantize_workload(job: CompressionJob) -> Path:
 
     dense = _dense_setup(job)
     qm = _quantize(job, dense)
+    if job.embedding_bits is not None:
+        from trainlab.compress.embeddings import quantize_embeddings
+
+        qm = quantize_embeddings(qm, job.embedding_bits)
     levels = qm.bits
     path = job.out / f"model-{job.method}-{job.bits:g}bit.safetensors"
     size = save_quantized_model(qm, path, metadata={"workload": job.workload, "allocator": job.allocator})

@@ -136,6 +136,10 @@ def compress_user_model(job: Any) -> Path:
     for level in tqdm(levels, desc="levels", disable=not job.progress or len(levels) == 1):
         tag = f"{job.method}-{level:g}bit" if quantizing else f"{job.method}-{level:g}"
         result = _compress(job, dense, batches, level, quantizing)
+        if job.embedding_bits is not None:
+            from trainlab.compress.embeddings import quantize_embeddings
+
+            result = quantize_embeddings(result, job.embedding_bits)
         path = job.out / f"model-{tag}.safetensors"
         if result.plan.structured is not None:
             from trainlab.compress.structured import save_structured
