@@ -55,8 +55,8 @@ def test_trainlab_strategy_on_the_grid_matches_the_pure_driver(name):
 
 def test_client_failure_is_reported_not_counted():
     strategy = TrainlabStrategy(create("fedau", num_clients=N, dim=3, dtype=F64))
-    result = _start(strategy, _trainer(fail=lambda c, r: (c, r) == (4, 2)), 3)
-    assert [(r, c) for r, c, _ in strategy.failures] == [(2, 4)]
+    result = _start(strategy, _trainer(fail=lambda c, r: (c, r) == (4, 1)), 3)
+    assert [(r, c) for r, c, _ in strategy.failures] == [(1, 4)]  # trainlab round 1 is Flower's server round 2
     assert "dropped out" in strategy.failures[0][2]
     assert result.train_metrics_clientapp[2]["participants"] == N - 1
     assert result.train_metrics_clientapp[2]["failed"] == 1

@@ -7,7 +7,8 @@
   Krum, ...) the same participation, so Flower's own aggregation serves as the baseline unchanged.
 - ``client_app(trainer)`` is a ``ClientApp`` whose train function runs a trainlab ``LocalTrainer``.
 - ``LocalGrid`` runs a ``ClientApp`` in this process, one node per client (no Ray, no network). A client that
-  raises replies with an error message; strategies count it in ``failures``, never among the participants.
+  raises replies with an error message; strategies list it in ``failures`` as (round, client, reason), never among
+  the participants. Rounds are counted from 0 as in trainlab's driver (Flower's server round minus 1).
 
 Client ``n`` is node ``n + 1`` and its context's ``node_config["partition-id"]`` is ``n``.
 """
@@ -103,7 +104,7 @@ def client_app(trainer: LocalTrainer) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         client = int(context.node_config["partition-id"])
         start, template = to_vector(message.content["arrays"])
-        round = int(message.content["config"]["server-round"])
+        round = int(message.content["config"]["server-round"]) - 1  # Flower counts rounds from 1, trainlab from 0
         delta = trainer.update(client, round, start.to(trainer.params[0].dtype)).double()
         if not bool(torch.isfinite(delta).all()):
             raise ClientFailure(f"client {client} produced a non-finite update")
@@ -138,7 +139,7 @@ class _Participation:
         valid = []
         for reply in replies:
             if reply.has_error():
-                self.failures.append((server_round, reply.metadata.src_node_id - 1, reply.error.reason))
+                self.failures.append((server_round - 1, reply.metadata.src_node_id - 1, reply.error.reason))
             else:
                 valid.append(reply)
         return valid

@@ -1,0 +1,327 @@
+"""What `trainlab federate` runs: a federated simulation of a built-in classification workload, and the
+quadratic federated problems the claims measure (the papers' own sanity setting, where the optimum is known).
+
+A workload's training set is split over the clients by Dirichlet(alpha) label proportions; participation follows a
+pattern of `trainlab.federated.participation` whose rates the server never sees; each participant trains a copy of
+the workload's model with trainlab's SGD on batches of its own data. The named strategy and the FedAvg baseline run
+on the same data, participation and failures; the output directory gets ``results.json``, ``report.md``, the
+validation curves and the per-round participation (``participation.csv`` and a plot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainlab import federated
+from trainlab.federated.participation import heterogeneous_probabilities, participation_matrix
+from trainlab.federated.partition import dirichlet_partition
+from trainlab.federated.simulate import FederatedRun, LocalTrainer, run_rounds
+from trainlab.lab.bench_files import atomic_write_text, prepare_out
+from trainlab.lab.workloads import get_workload
+from trainlab.lab.workloads.digits import digits_data
+from trainlab.lab.workloads.mnist1d import mnist1d_data
+from trainlab.runtime import batch_generator
+
+# Workloads whose training set can be partitioned: name -> (x_train, y_train, x_val, y_val).
+DATA: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
+    "digits-mlp": digits_data,
+    "digits-cnn": digits_data,
+    "mnist1d-mlp": mnist1d_data,
+}
+PARTICIPATION = ("hetero", "uniform", "markov", "cyclic")
+ENGINES = ("inprocess", "flower")
+
+
+@dataclass
+class FederateJob:
+    workload: str = "digits-mlp"
+    strategy: str = "fedau"
+    baseline: str = "fedavg"
+    clients: int = 50
+    rounds: int = 200
+    participation: str = "hetero"
+    alpha: float = 0.1
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 0.05
+    failure_rate: float = 0.0
+    seed: int = 0
+    eval_every: int = 10
+    engine: str = "inprocess"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.workload not in DATA:
+            raise ValueError(
+                f"--workload must be one of {sorted(DATA)} (a partitionable dataset), got {self.workload!r}"
+            )
+        for name in (self.strategy, self.baseline):
+            if federated.get_spec(name).kind != "server":
+                kinds = ", ".join(federated.strategy_names("server"))
+                raise ValueError(f"--strategy/--baseline must be a synchronous server method ({kinds}), got {name!r}")
+        if self.participation not in PARTICIPATION:
+            raise ValueError(f"--participation must be one of {PARTICIPATION}, got {self.participation!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        for flag, value, low in (
+            ("--clients", self.clients, 2),
+            ("--rounds", self.rounds, 1),
+            ("--local-steps", self.local_steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--eval-every", self.eval_every, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+        if not 0 <= self.failure_rate < 1:
+            raise ValueError(f"--failure-rate must be in [0, 1), got {self.failure_rate!r}")
+        if not self.alpha > 0 or not self.lr > 0:
+            raise ValueError("--alpha and --lr must be positive")
+
+
+def participation_for(pattern: str, clients: int, rounds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, matrix [rounds, clients])``: ``hetero`` is Bernoulli with rates spread over [0.02, 0.9];
+    ``uniform`` Bernoulli with rate 0.5 for all; ``markov`` and ``cyclic`` use the hetero rates."""
+    if pattern == "uniform":
+        p = torch.full((clients,), 0.5, dtype=torch.float64)
+    else:
+        p = heterogeneous_probabilities(clients)
+    kind = "bernoulli" if pattern in ("hetero", "uniform") else pattern
+    return p, participation_matrix(kind, p, rounds, seed)
+
+
+def _failures(rate: float, seed: int) -> Callable[[int, int], bool] | None:
+    if rate == 0:
+        return None
+    return lambda client, rnd: (
+        float(torch.rand(1, generator=batch_generator(seed + 7919, rnd * 100_003 + client))) < rate
+    )
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    from trainlab.runtime import evaluating
+
+    with evaluating(model), torch.no_grad():
+        return float((model(x).argmax(-1) == y).double().mean())
+
+
+def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
+    workload = get_workload(job.workload)
+    x, y, x_val, y_val = DATA[job.workload]()
+    parts = dirichlet_partition(y, job.clients, job.alpha, job.seed)
+    _, matrix = participation_for(job.participation, job.clients, job.rounds, job.seed)
+
+    def client_batch(client: int, rnd: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = parts[client]
+        gen = batch_generator(job.seed, (rnd * job.clients + client) * job.local_steps + step)
+        pick = idx[torch.randint(len(idx), (job.batch_size,), generator=gen)]
+        return x[pick], y[pick]
+
+    torch.manual_seed(job.seed)
+    model = workload.make_model()
+    trainer = LocalTrainer(
+        model,
+        workload.loss,
+        client_batch,
+        job.local_steps,
+        "sgd",
+        {"lr": job.lr, "momentum": 0.0},
+        _failures(job.failure_rate, job.seed),
+    )
+    dim = sum(p.numel() for p in model.parameters())
+    aggregator = federated.create(name, num_clients=job.clients, dim=dim, **hp)
+    evaluate = lambda m: _evaluate(m, x_val, y_val)  # noqa: E731
+    if job.engine == "inprocess":
+        return run_rounds(trainer, aggregator, matrix, evaluate=evaluate, eval_every=job.eval_every)
+    return _run_flower(job, trainer, aggregator, matrix, evaluate)
+
+
+def _run_flower(job, trainer, aggregator, matrix, evaluate) -> FederatedRun:
+    """The same run through Flower's ServerApp strategy loop on the in-process message grid."""
+    import logging
+
+    from flwr.app import ArrayRecord, MetricRecord
+
+    from trainlab.federated.flower import LocalGrid, TrainlabStrategy, client_app
+
+    run = FederatedRun(trainer.model)
+    strategy = TrainlabStrategy(aggregator, matrix)
+
+    def server_eval(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if rnd == 0 or (rnd % job.eval_every and rnd != job.rounds):
+            return None
+        run.model.load_state_dict(arrays.to_torch_state_dict())
+        return MetricRecord({"metric": evaluate(run.model)})
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    result = strategy.start(
+        LocalGrid(client_app(trainer), job.clients),
+        ArrayRecord(trainer.model.state_dict()),
+        num_rounds=job.rounds,
+        evaluate_fn=server_eval,
+    )
+    failures = {(r, c) for r, c, _ in strategy.failures}
+    run.failures = list(strategy.failures)
+    for t in range(job.rounds):
+        failed = sorted(c for r, c in failures if r == t)
+        present = [n for n in range(job.clients) if bool(matrix[t, n]) and n not in failed]
+        record: dict[str, Any] = {"round": t, "time": float(t + 1), "participants": present, "failed": failed}
+        if (t + 1) in result.evaluate_metrics_serverapp:
+            record["metric"] = float(result.evaluate_metrics_serverapp[t + 1]["metric"])
+        run.history.append(record)
+    run.model.load_state_dict(result.arrays.to_torch_state_dict())
+    return run
+
+
+def federate(job: FederateJob, out: Path | None = None) -> dict[str, Any]:
+    """Run ``job.strategy`` and ``job.baseline`` on the same simulation; write the report files into ``out``."""
+    job.check()
+    if out is not None:
+        prepare_out(out, asdict(job), overwrite=True)
+    results = {}
+    for name, hp in ((job.strategy, job.hyperparameters), (job.baseline, {})):
+        if name in results:
+            continue
+        run = _run(job, name, hp)
+        curve = [(h["round"] + 1, h["metric"]) for h in run.history if "metric" in h]
+        results[name] = {
+            "curve": curve,
+            "final_accuracy": curve[-1][1],
+            "participants_per_round": [len(h["participants"]) for h in run.history],
+            "failures": [list(f) for f in run.failures],
+        }
+    p, matrix = participation_for(job.participation, job.clients, job.rounds, job.seed)
+    summary = {"job": asdict(job), "probabilities": p.tolist(), "results": results}
+    if out is not None:
+        _write(out, job, summary, matrix)
+    return summary
+
+
+def _write(out: Path, job: FederateJob, summary: dict[str, Any], matrix: torch.Tensor) -> None:
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+    rows = ["round," + ",".join(f"client{n}" for n in range(job.clients))]
+    rows += [f"{t + 1}," + ",".join(str(int(v)) for v in row) for t, row in enumerate(matrix.tolist())]
+    atomic_write_text(out / "participation.csv", "\n".join(rows) + "\n")
+    lines = [
+        f"# trainlab federate: {job.strategy} vs {job.baseline} on {job.workload}",
+        "",
+        f"{job.clients} clients, {job.rounds} rounds, participation {job.participation} (rates unknown to the server), "
+        f"Dirichlet alpha {job.alpha}, {job.local_steps} local SGD steps (lr {job.lr}, batch {job.batch_size}), "
+        f"engine {job.engine}, seed {job.seed}.",
+        "",
+        "| strategy | final accuracy | best accuracy | mean participants / round | client failures |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in summary["results"].items():
+        best = max(v for _, v in r["curve"])
+        mean_part = sum(r["participants_per_round"]) / len(r["participants_per_round"])
+        lines.append(f"| {name} | {r['final_accuracy']:.4f} | {best:.4f} | {mean_part:.2f} | {len(r['failures'])} |")
+    failures = [f for r in summary["results"].values() for f in r["failures"]]
+    if failures:
+        lines += [
+            "",
+            f"Client failures (round, client, reason), dropped from their round: {failures[:20]}"
+            + (" ..." if len(failures) > 20 else ""),
+        ]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    _plot(out, summary, matrix)
+
+
+def _plot(out: Path, summary: dict[str, Any], matrix: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in summary["results"].items():
+        ax.plot(*zip(*r["curve"], strict=True), label=name)
+    ax.set(xlabel="round", ylabel="validation accuracy", title=summary["job"]["workload"])
+    ax.legend()
+    _save(fig, out / "curves.png")
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.imshow(matrix.T.numpy(), aspect="auto", interpolation="nearest", cmap="Greys")
+    ax.set(xlabel="round", ylabel="client", title="participation (black: participates)")
+    _save(fig, out / "participation.png")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---- quadratic federated problems (the claims' setting: the optimum is known exactly) ----
+
+
+class QuadraticPoint(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+
+
+@dataclass
+class QuadraticClients:
+    """Client n minimises ``0.5 ||x - c_n||^2`` from noisy samples ``c_n + noise * z``; the federated optimum
+    is the mean of the ``c_n``."""
+
+    centres: torch.Tensor
+    noise: float
+    seed: int = 0
+
+    @property
+    def optimum(self) -> torch.Tensor:
+        return self.centres.mean(0)
+
+    def batch(self, client: int, rnd: int, step: int) -> torch.Tensor:
+        gen = batch_generator(self.seed, (rnd * len(self.centres) + client) * 64 + step)
+        return self.centres[client] + self.noise * torch.randn(
+            self.centres.shape[1], generator=gen, dtype=torch.float64
+        )
+
+    @staticmethod
+    def loss(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((model.x - target) ** 2).sum()
+
+    def trainer(self, local_steps: int, lr: float, fail: Callable[[int, int], bool] | None = None) -> LocalTrainer:
+        return LocalTrainer(
+            QuadraticPoint(self.centres.shape[1]),
+            self.loss,
+            self.batch,
+            local_steps,
+            "sgd",
+            {"lr": lr, "momentum": 0.0},
+            fail,
+        )
+
+    def error(self, model: nn.Module) -> float:
+        return float((model.x.detach() - self.optimum).norm())
+
+
+def spread_centres(num_clients: int, dim: int, spread: float) -> torch.Tensor:
+    """Optima spread evenly along the first axis over [-spread, spread] (client 0 at -spread)."""
+    centres = torch.zeros(num_clients, dim, dtype=torch.float64)
+    centres[:, 0] = torch.linspace(-spread, spread, num_clients, dtype=torch.float64)
+    return centres
+
+
+def mean_error(run: FederatedRun, last: int) -> float:
+    """The mean of the evaluated errors over the last ``last`` evaluations."""
+    values = [h["metric"] for h in run.history if "metric" in h][-last:]
+    return math.fsum(values) / len(values)
+
+
+def run_quadratic(
+    problem: QuadraticClients, strategy: Any, participation: torch.Tensor, *, local_steps: int, lr: float
+) -> FederatedRun:
+    return run_rounds(problem.trainer(local_steps, lr), strategy, participation, evaluate=problem.error)
