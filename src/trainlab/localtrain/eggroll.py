@@ -88,8 +88,8 @@ class Eggroll(LocalTrainer):
     def _prepare(self, inputs: Any) -> list[torch.optim.Optimizer]:
         params = [p for layer in self.layers for p in layer.parameters()]
         if self.optimizer_name == "adamw":
-            return [torch.optim.AdamW(params, lr=self.lr)]
-        return [torch.optim.SGD(params, lr=self.lr)]
+            return [torch.optim.AdamW(params, lr=self.lr, foreach=True)]
+        return [torch.optim.SGD(params, lr=self.lr, foreach=True)]
 
     def noise(self, layer: int, chunk: int) -> tuple[torch.Tensor, ...]:
         """The factors of one chunk's pairs for one layer, regenerated from their key.

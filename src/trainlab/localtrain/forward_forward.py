@@ -117,7 +117,7 @@ class ForwardForward(LocalTrainer):
         return self.blocks
 
     def _prepare(self, inputs: Any) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.blocks.parameters(), lr=self.lr)]
+        return [torch.optim.Adam(self.blocks.parameters(), lr=self.lr, foreach=True)]
 
     def negative_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """A uniformly drawn wrong label for every row."""

@@ -119,7 +119,7 @@ class ForwardGNN(LocalTrainer):
                 widths = [h.shape[1] for h in self.forward_layers(features, adjacency, self.labels, None)]
             for below, above in zip(widths[:-1], widths[1:], strict=True):
                 self.top_down.append(nn.Linear(above, below, bias=False, dtype=features.dtype, device=features.device))
-        return [torch.optim.Adam(self._trained().parameters(), lr=self.lr)]
+        return [torch.optim.Adam(self._trained().parameters(), lr=self.lr, foreach=True)]
 
     def augmented(self, adjacency: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The augmented adjacency, rebuilt only when the graph or the labels change."""

@@ -49,7 +49,7 @@ class MonoForward(LocalTrainer):
         if not isinstance(self.projections[-1], nn.Identity):
             self.predictor = nn.Sequential(self.model, nn.Flatten(), self.projections[-1])
         params = list(self.model.parameters()) + list(self.projections.parameters())
-        return [torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)]
+        return [torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)]
 
     def goodness(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """``G_i = a_i M_iᵀ``: block ``i``'s scores for the classes."""

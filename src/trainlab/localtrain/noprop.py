@@ -150,7 +150,7 @@ class NoProp(LocalTrainer):
         )
         self.network = NoPropNetwork(blocks, self.num_classes, self.steps, self.inference, features)
         self.predictor = self.network
-        return [torch.optim.AdamW(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
+        return [torch.optim.AdamW(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True)]
 
     def noisy_embedding(self, t: int, u: torch.Tensor) -> torch.Tensor:
         """A sample of ``q(z_t | y) = N(√ᾱ_t u_y, (1 − ᾱ_t) I)``."""
