@@ -298,9 +298,10 @@ def _load() -> None:
 
 
 def compressor_names(kind: str | None = None) -> list[str]:
-    """Registered compressors (of one ``kind``), in registration order."""
+    """Registered compressors (of one ``kind``), by kind then name: a fixed order, whichever module loaded first."""
     _load()
-    return [n for n, s in _COMPRESSORS.items() if kind is None or s.kind == kind]
+    specs = sorted(_COMPRESSORS.values(), key=lambda s: (KINDS.index(s.kind), s.name))
+    return [s.name for s in specs if kind is None or s.kind == kind]
 
 
 def get_compressor(name: str) -> CompressorSpec:
@@ -311,9 +312,9 @@ def get_compressor(name: str) -> CompressorSpec:
 
 
 def allocator_names(budget: str | None = None) -> list[str]:
-    """Registered allocator names (for one ``budget``), in registration order, each once."""
+    """Registered allocator names (for one ``budget``), sorted, each once."""
     _load()
-    return list(dict.fromkeys(n for n, b in _ALLOCATORS if budget is None or b == budget))
+    return sorted({n for n, b in _ALLOCATORS if budget is None or b == budget})
 
 
 def get_allocator(name: str, budget: str) -> AllocatorSpec:
@@ -327,4 +328,4 @@ def get_allocator(name: str, budget: str) -> AllocatorSpec:
 
 def allocator_specs() -> list[AllocatorSpec]:
     _load()
-    return list(_ALLOCATORS.values())
+    return [_ALLOCATORS[key] for key in sorted(_ALLOCATORS)]
