@@ -9,8 +9,6 @@ payloads travel in one collective: all-reduce for linear compressors (sums of pa
 gradients), all-gather of the uint8 payloads otherwise. Every rank then decodes the same aggregate.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,11 +83,11 @@ def compression_hook(state: CompressionHookState, bucket: dist.GradBucket) -> to
     if linear:
         fut = dist.all_reduce(flat, group=state.process_group, async_op=True).get_future()
     else:
-        gathered = flat.new_empty(fb.world_size, flat.numel())
-        fut = dist.all_gather_into_tensor(gathered, flat, group=state.process_group, async_op=True).get_future()
+        gathered = flat.new_empty(fb.world_size * flat.numel())
+        fut = dist.all_gather_single(gathered, flat, group=state.process_group, async_op=True).get_future()
 
     def decode(done: torch.futures.Future) -> Tensor:
-        wire = flat if linear else gathered
+        wire = flat if linear else gathered.view(fb.world_size, -1)
         for key, g, seed, part in zip(keys, grads, seeds, wire.split(sizes, dim=-1), strict=True):
             g.copy_(fb.receive(key, part, g.numel(), g.dtype, seed).view_as(g))
         return bucket.buffer()
