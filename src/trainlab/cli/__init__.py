@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trainlab.cli import bench, compress, docs, finetune, listing, verify
+from trainlab.cli import bench, compress, docs, federate, finetune, listing, verify
 
-COMMANDS = (bench, listing, verify, docs, compress, finetune)
+COMMANDS = (bench, listing, verify, docs, compress, finetune, federate)
 
 
 def build_parser() -> argparse.ArgumentParser:

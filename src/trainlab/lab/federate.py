@@ -223,13 +223,11 @@ def _write(out: Path, job: FederateJob, summary: dict[str, Any], matrix: torch.T
         best = max(v for _, v in r["curve"])
         mean_part = sum(r["participants_per_round"]) / len(r["participants_per_round"])
         lines.append(f"| {name} | {r['final_accuracy']:.4f} | {best:.4f} | {mean_part:.2f} | {len(r['failures'])} |")
-    failures = [f for r in summary["results"].values() for f in r["failures"]]
-    if failures:
-        lines += [
-            "",
-            f"Client failures (round, client, reason), dropped from their round: {failures[:20]}"
-            + (" ..." if len(failures) > 20 else ""),
-        ]
+    for name, r in summary["results"].items():
+        if r["failures"]:
+            listed = ", ".join(f"round {t} client {c} ({why})" for t, c, why in r["failures"][:20])
+            more = f" and {len(r['failures']) - 20} more" if len(r["failures"]) > 20 else ""
+            lines += ["", f"{name}: client failures, dropped from their round: {listed}{more}"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     _plot(out, summary, matrix)
 
