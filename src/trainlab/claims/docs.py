@@ -84,6 +84,14 @@ def adapter_rows() -> Iterable[Row]:
         yield name, spec.paper, spec.summary, layers, defaults, ", ".join(needs) or "-", spec.peft or "-"
 
 
+def federated_rows() -> Iterable[Row]:
+    from trainlab import federated
+
+    for name in federated.strategy_names():
+        spec = federated.get_spec(name)
+        yield name, spec.kind, spec.paper, spec.summary, ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
+
+
 def batch_method_rows() -> Iterable[Row]:
     from trainlab.schedules import batch_method_names, get_batch_method
 
@@ -99,6 +107,7 @@ SECTIONS = (
     Section("Compression", ("kind", "paper", "what it is", "level / budget", "needs"), compression_rows),
     Section("Training without backpropagation", ("paper", "what it is", "model", "defaults"), localtrain_rows),
     Section("Adapters", ("paper", "what it is", "layers", "defaults", "needs", "PEFT export"), adapter_rows),
+    Section("Federated learning", ("kind", "paper", "what it is", "defaults"), federated_rows),
 )
 
 
