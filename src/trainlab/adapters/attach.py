@@ -64,7 +64,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def install_layers(
-    model: nn.Module, method: str, config: dict[str, Any], layers: dict[str, dict[str, Any]]
+    model: nn.Module,
+    method: str,
+    config: dict[str, Any],
+    layers: dict[str, dict[str, Any]],
+    permutations: dict[str, dict[str, list[int]]] | None = None,
 ) -> nn.Module:
     spec = get_spec(method)
     for p in model.parameters():
@@ -72,23 +76,27 @@ def install_layers(
     for name, kwargs in layers.items():
         base = model.get_submodule(name)
         _set_module(model, name, spec.layer_class(base, **config, **kwargs))
-    model._trainlab_adapter = {"method": method, "config": dict(config)}
+    model._trainlab_adapter = {"method": method, "config": dict(config), "permutations": permutations or {}}
     return model
 
 
 def attach_(model: nn.Module, method: str, *, targets: Sequence[Target], **config: Any) -> nn.Module:
     """Swap the matching layers of ``model`` itself for ``method`` adapter layers and freeze everything else.
 
-    Returns ``model``. ``config`` overrides the method's paper defaults (see ``get_spec(method).fields``).
+    Returns ``model``. ``config`` overrides the method's paper defaults (see ``get_spec(method).fields``). S2FT with
+    ``couple=`` also co-permutes coupled channels of ``model`` (its function is unchanged).
     """
     spec = get_spec(method)
     config = spec.resolve(config)
     names = find_targets(model, method, targets)
-    if spec.plan is not None:
+    permutations: dict[str, dict[str, list[int]]] = {}
+    if spec.arrange is not None:
+        layers, permutations = spec.arrange(model, names, config)
+    elif spec.plan is not None:
         layers = spec.plan({n: weight_matrix(model.get_submodule(n)).detach() for n in names}, config)
     else:
         layers = {n: {} for n in names}
-    return install_layers(model, method, config, layers)
+    return install_layers(model, method, config, layers, permutations)
 
 
 def attach(model: nn.Module, method: str, *, targets: Sequence[Target], **config: Any) -> nn.Module:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainlab.adapters.attach import adapter_info, adapter_layers, install_layers
+from trainlab.adapters.layer import apply_permutations_
 from trainlab.adapters.registry import get_spec
 
 CONFIG_FILE = "adapter_config.json"
@@ -51,6 +52,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "method": info["method"],
         "config": info["config"],
         "layers": {name: layer.layer_kwargs() for name, layer in layers.items()},
+        "permutations": info.get("permutations", {}),
     }
     atomic_write(out / TENSORS_FILE, lambda tmp: save_file(tensors, tmp))
     atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
@@ -67,11 +69,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} file (format {config.get('format')!r})")
     spec = get_spec(config["method"])
     method_config = spec.resolve(config["config"])
-    names = list(config["layers"])
+    names = list(config["layers"]) + list(config.get("permutations", {}))
     missing = [n for n in names if n not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"the model has no module(s) {missing} that the adapter in {path} was trained on")
-    adapted = install_layers(copy.deepcopy(model), spec.name, method_config, config["layers"])
+    adapted = copy.deepcopy(model)
+    permutations = config.get("permutations", {})
+    apply_permutations_(adapted, permutations)  # S2FT's co-permutation, repeated on the plain base
+    adapted = install_layers(adapted, spec.name, method_config, config["layers"], permutations)
     tensors = load_file(str(path / TENSORS_FILE))
     for name, layer in adapter_layers(adapted).items():
         prefix = f"{name}."

@@ -36,6 +36,29 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+@torch.no_grad()
+def permute_channels_(module: nn.Module, side: str, order: torch.Tensor) -> None:
+    """Reorder the output rows (``side="rows"``, with the bias) or input columns of a Linear/Conv1D, in place."""
+    if layer_type(module) not in ("linear", "conv1d"):
+        raise TypeError(
+            f"only nn.Linear and transformers' Conv1D channels can be permuted, not {type(module).__name__}"
+        )
+    w = weight_matrix(module)
+    if side == "rows":
+        w.copy_(w[order])
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(module.bias[order])
+    else:
+        w.copy_(w[:, order])
+
+
+def apply_permutations_(model: nn.Module, permutations: dict[str, dict[str, list[int]]]) -> None:
+    """Repeat recorded channel permutations (``{module: {"rows"|"columns": order}}``) on ``model``, in place."""
+    for name, sides in permutations.items():
+        for side, order in sides.items():
+            permute_channels_(model.get_submodule(name), side, torch.tensor(order))
+
+
 def in_out(module: nn.Module) -> tuple[int, int]:
     out_features, in_features = weight_matrix(module).shape
     return in_features, out_features

@@ -26,9 +26,14 @@ class Field:
     choices: tuple[Any, ...] | None = None
     integer: bool = False
     optional: bool = False  # None is allowed as well
+    text: bool = False  # a string the method parses itself (S2FT's coupled structures)
 
     def check(self, method: str, name: str, value: Any) -> None:
         if value is None and self.optional:
+            return
+        if self.text:
+            if not isinstance(value, str):
+                raise TypeError(f"{method}: {name} must be a string, got {value!r}")
             return
         if self.choices is not None:
             if value not in self.choices:
@@ -42,6 +47,8 @@ class Field:
             raise ValueError(f"{method}: {name}={value!r} is outside the allowed range [{self.low}, {self.high}]")
 
     def describe(self) -> str:
+        if self.text:
+            return f"{self.default!r} (text)"
         if self.choices is not None:
             return f"{self.default!r} (one of {', '.join(map(repr, self.choices))})"
         return f"{self.default!r} in [{self.low}, {self.high}]"
@@ -56,7 +63,10 @@ class AdapterSpec:
     global threshold); ``count(weight, config)`` is the trainable-parameter formula for one layer with base weight
     ``weight`` (out x in) and ``config`` merged with that layer's plan arguments; ``prepare`` names the data a
     separate ``adapters.prepare`` call needs (or None); ``callback`` is the class of the training callback (rank
-    pruning, progressive masks) or None.
+    pruning, progressive masks) or None; ``arrange(model, names, config)`` (optional, instead of ``plan``) may
+    reorder coupled channels of ``model`` in place without changing its function (S2FT's co-permutation) and returns
+    ``(layer_kwargs by name, permutations)``, ``permutations`` mapping module names to ``{"rows"|"columns": order}``
+    so that ``load_adapter`` can repeat them on the plain base model.
     """
 
     name: str
@@ -72,6 +82,7 @@ class AdapterSpec:
     callback_fields: Mapping[str, Field] = field(default_factory=dict)
     plan: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None
     peft: str | None = None  # how it exports to PEFT's LoRA layout, if it does
+    arrange: Callable[..., tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[int]]]]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
