@@ -119,11 +119,12 @@ def chain(*transforms: GradientTransform) -> Chain:
 def step_counts(state: State, key: str = "step") -> list[float]:
     """Increment the per-parameter step tensors under ``key`` and return their new values.
 
-    Step counters live on the CPU (as in torch.optim), so reading them is not a device sync.
+    Step counters live on the CPU (as in torch.optim), so reading them is not a device sync; they are read in
+    one conversion per call, not one ``.item()`` per parameter.
     """
     steps = state[key]
     torch._foreach_add_(steps, 1)
-    return [s.item() for s in steps]
+    return torch.stack(steps).tolist()
 
 
 def new_step_counter() -> Tensor:
