@@ -94,3 +94,37 @@ def test_state_dict_needs_prepare_and_round_trips():
     fresh.step(x, y)
     for a, b in zip(trainer.parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "hp"),
+    [
+        ("forward-forward", {"lr": 1e-2}),
+        ("eggroll", {"population": 8, "chunk": 4, "sigma": 0.05}),
+        ("noprop", {"steps": 2}),
+    ],
+)
+def test_a_resumed_trainer_continues_exactly(name, hp):
+    """Random draws (negatives, noise, ES directions) continue from the saved state, not from the seed."""
+    import warnings
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def build():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return localtrain.create(name, _mlp(), num_classes=3, **hp)
+
+    trainer = build()
+    for _ in range(2):
+        trainer.step(x, y)
+    state = copy.deepcopy(trainer.state_dict())
+    resumed = build()
+    resumed.prepare(x)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        trainer.step(x, y)
+        resumed.step(x, y)
+    for a, b in zip(trainer.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

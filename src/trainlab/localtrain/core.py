@@ -26,6 +26,8 @@ class LocalTrainer(ABC):
     """
 
     predictor: nn.Module
+    # Step counters a resumed run needs (saved with the state, as is ``self.generator``'s state if it has one).
+    _counters: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -63,7 +65,15 @@ class LocalTrainer(ABC):
         return self._trained().parameters()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"modules": self._trained().state_dict(), "optimizers": [o.state_dict() for o in self._optimizers]}
+        state = {
+            "modules": self._trained().state_dict(),
+            "optimizers": [o.state_dict() for o in self._optimizers],
+            "counters": {name: getattr(self, name) for name in self._counters},
+        }
+        generator = getattr(self, "generator", None)
+        if isinstance(generator, torch.Generator):
+            state["generator"] = generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict``; call ``prepare`` first where the method builds lazily."""
@@ -72,6 +82,10 @@ class LocalTrainer(ABC):
         self._trained().load_state_dict(state["modules"])
         for optimizer, saved in zip(self._optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
+        for name, value in state["counters"].items():
+            setattr(self, name, value)
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
 
 
 class Residual(nn.Module):

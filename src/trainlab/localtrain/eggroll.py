@@ -49,6 +49,8 @@ def shape_fitness(fitness: torch.Tensor) -> torch.Tensor:
 class Eggroll(LocalTrainer):
     """Evolution strategies on the ``nn.Linear`` layers of any model whose rows are independent."""
 
+    _counters = ("generation",)
+
     def __init__(
         self,
         model: nn.Module,

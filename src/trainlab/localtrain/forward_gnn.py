@@ -79,8 +79,11 @@ class ForwardGNNClassifier(nn.Module):
 class ForwardGNN(LocalTrainer):
     """Single-forward (SF) layer-local training of graph layers called as ``layer(x, adjacency)``.
 
-    ``model``'s child modules, in order, are the layers (a GCN's graph convolutions).
+    ``model``'s child modules, in order, are the layers (a GCN's graph convolutions). A resumed run starts its
+    top-down signal afresh (zeros at its first step), as a new run does.
     """
+
+    _counters = ("steps_done",)
 
     def __init__(
         self,
