@@ -16,7 +16,10 @@ def run(args: argparse.Namespace) -> int:
     from trainlab.lab.finetune import finetune, finetune_report
     from trainlab.lab.workloads import get_workload
 
-    workload = get_workload(args.workload)
+    if args.model is not None or args.data is not None:
+        workload = _user_workload(args)
+    else:
+        workload = get_workload(args.workload)
     methods = [None if m == "full" else m for m in args.adapter]
     for m in methods:
         if m is not None:
@@ -70,11 +73,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_workload(args: argparse.Namespace) -> Any:
+    """The user's model and batches as a workload; quality is the loss on the held-out batches."""
+    from trainlab.lab.user_workload import user_workload
+
+    if args.model is None or args.data is None:
+        raise ValueError("--model and --data go together (your model and its batches)")
+    return user_workload(
+        args.model, args.data, loss=args.loss, steps=args.steps or 200, batch_size=args.batch_size, target=args.target
+    )
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a pretrained workload model with adapters (or fully) and compare them"
     )
     p.add_argument("--workload", default="digits-shifted", help="a fine-tuning workload (default digits-shifted)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="your own model instead of a workload: pkg.module:factory or a local Hugging "
+        "Face directory (with --data; default targets: every nn.Linear)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="your batches: pkg.module:make_batch (make_batch(batch_size, generator) -> batch) or pkg.module:batches "
+        "(a list of batches or a callable returning one; the last fifth is held out and its loss is the quality)",
+    )
+    p.add_argument("--loss", default=None, help="with --model: pkg.module:fn, fn(model, batch) -> scalar")
+    p.add_argument("--batch-size", type=int, default=32, help="with --data pkg.module:make_batch: its batch size")
+    p.add_argument("--target", type=float, default=None, help="with --model: held-out loss to reach (default: none)")
     p.add_argument("--adapter", type=_csv, default=["lora"], help="comma-separated adapter methods; 'full' = all")
     p.add_argument("--rank", type=int, default=None, help="r for every adapter that has one")
     p.add_argument(

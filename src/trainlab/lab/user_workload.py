@@ -13,13 +13,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from trainlab.compress.batches import run_batch
-from trainlab.lab.user_models import load_object
+from trainlab.lab.user_models import is_hf_directory, load_model, load_object
 from trainlab.lab.workloads.base import _WORKLOADS, Batch, Workload
 from trainlab.runtime import batch_generator, evaluating
 
@@ -81,8 +82,9 @@ def user_workload(
     batch_size: int = 32,
     target: float | None = None,
 ) -> Workload:
-    """The workload named by the user's ``--model``, ``--data`` (and ``--loss``) specs; its name is the factory's."""
-    factory = load_object(model, "--model")
+    """The workload named by the user's ``--model`` (a factory, or a local Hugging Face directory loaded fresh for
+    every run), ``--data`` (and ``--loss``) specs; its name is the factory's (or the directory's)."""
+    factory = (lambda: load_model(model).model) if is_hf_directory(model) else load_object(model, "--model")
     if not callable(factory):
         raise ValueError(f"--model {model!r} names a {type(factory).__name__}, not a callable returning an nn.Module")
     loss_fn = default_loss if loss is None else load_object(loss, "--loss")
@@ -100,7 +102,7 @@ def user_workload(
             return sum(float(loss_fn(m, b)) for b in evaluation) / len(evaluation)
 
     return Workload(
-        name=model.rpartition(":")[2],
+        name=Path(model).name if is_hf_directory(model) else model.rpartition(":")[2],
         description=f"the user's {model} on {data}",
         make_model=make_model,
         make_batch=make_batch,
