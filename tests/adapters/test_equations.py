@@ -253,6 +253,39 @@ def test_snell_kernel_merge_and_top_k_sparsity() -> None:
     torch.testing.assert_close(keep_largest(manual, 0.0), manual)
 
 
+def test_snell_branch_goes_through_drop_path_in_training_only() -> None:
+    model = adapters.attach(linear(6, 5), "snell", targets=[nn.Linear], r=4, sparsity=0.5)[0]
+    assert model.drop_path == 0.1  # the official TuningModule's DropPath(0.1)
+    x = torch.randn(400, 6, dtype=D)
+    w = model.base.weight
+    base, branch = model.base(x), x @ model.delta_weight(w).T
+    torch.manual_seed(5)
+    y = model(x)  # training mode: each sample's branch is dropped or scaled by 1/0.9
+    torch.manual_seed(5)
+    keep = torch.empty(400, 1, dtype=D).bernoulli_(0.9)
+    torch.testing.assert_close(y, base + branch * keep / 0.9)
+    assert 0 < int((keep == 0).sum()) < 80
+    model.eval()
+    torch.testing.assert_close(model(x), base + branch)  # eval: deterministic, equal to the merged layer
+    adapters.merge(model)
+    torch.testing.assert_close(model(x), base + branch)
+
+
+def test_snella_learnable_kernel_term() -> None:
+    model = adapters.attach(linear(6, 5), "snell", targets=[nn.Linear], r=4, sparsity=0.0, learnable_kernel=True)[0]
+    with torch.no_grad():
+        model.kernel_alpha.fill_(0.7), model.kernel_gamma.fill_(0.5), model.kernel_beta.fill_(-0.02)
+    plain = torch.einsum("h,hoi->oi", model.coefficients, torch.cdist(model.out_q, model.in_q))
+    manual = plain + 0.7 * torch.exp(plain / 0.5) / torch.exp(plain / 0.5).sum(0, keepdim=True) - 0.02
+    torch.testing.assert_close(model.delta_weight(model.base.weight), manual)
+    assert (
+        adapters.count_trainable(
+            adapters.attach(linear(6, 5), "snell", targets=[nn.Linear], r=4, learnable_kernel=True)
+        )
+        == 4 * 11 + 3
+    )
+
+
 def test_snell_allocation_shares_the_budget_by_score_with_caps() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).double()

@@ -9,12 +9,18 @@ full rank where B A would have rank r); intra-layer competition keeps the entrie
 the code multiplies by |ΔW| (a quirk the spec names). ΔW ≠ 0 at init, as in the paper. Inter-layer competition
 (SNELLA, :class:`SnellCallback`): layer scores from sensitivity × uncertainty EMAs of ``in_q``/``out_q`` share a kept-
 entry budget that follows AdaLoRA's cubic schedule; each layer's volume is capped at its size and the excess is
-re-shared among the rest. Not included: the ViT-specific DropPath on the branch and SNELLA's learnable softmax term.
+re-shared among the rest. The branch output goes through DropPath (stochastic depth per sample, ``drop_path`` 0.1:
+the official ``TuningModule`` wraps every SNELL branch in ``DropPath(0.1)`` and no released script turns it off);
+in eval mode, and once merged, the branch is deterministic. ``learnable_kernel=True`` adds SNELLA's learnable term
+``ΔW + α·softmax(ΔW/γ) + β`` (three scalars per layer, α = γ = 1, β = 0 at init; softmax over the output axis, the
+code's last axis of its (in, out) matrix, as the spec reads it) before the sparsification.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +48,11 @@ def keep_largest(delta: torch.Tensor, sparsity: float) -> torch.Tensor:
 class SnellLayer(AdapterLayer):
     fused_forward = True
 
-    def __init__(self, base: nn.Module, *, r: int, heads: int, sparsity: float) -> None:
+    def __init__(
+        self, base: nn.Module, *, r: int, heads: int, sparsity: float, drop_path: float, learnable_kernel: bool
+    ) -> None:
         super().__init__(base)
+        self.drop_path = drop_path
         if r % heads:
             raise ValueError(f"snell: r={r} must be divisible by heads={heads}")
         w = self.base_weight()
@@ -56,6 +65,11 @@ class SnellLayer(AdapterLayer):
         self.register_buffer("coefficients", signs)
         self.register_buffer("sparsity", torch.tensor(float(sparsity), **kw))
         self.kept_sparsity = float(sparsity)  # host copy of `sparsity`: forward needs it without a device sync
+        if learnable_kernel:  # SNELLA: α, γ and β, plain learnable scalars
+            self.kernel_alpha = nn.Parameter(torch.ones((), **kw))
+            self.kernel_gamma = nn.Parameter(torch.ones((), **kw))
+            self.kernel_beta = nn.Parameter(torch.zeros((), **kw))
+        self.learnable_kernel = learnable_kernel
 
     def set_sparsity(self, value: float) -> None:
         self.sparsity.fill_(value)
@@ -66,7 +80,19 @@ class SnellLayer(AdapterLayer):
 
     def dense_delta(self) -> torch.Tensor:
         distances = torch.cdist(self.out_q, self.in_q)  # (H, out, in)
-        return torch.einsum("h,hoi->oi", self.coefficients, distances)
+        delta = torch.einsum("h,hoi->oi", self.coefficients, distances)
+        if self.learnable_kernel:
+            delta = delta + self.kernel_alpha * torch.softmax(delta / self.kernel_gamma, dim=0) + self.kernel_beta
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not (self.training and self.drop_path > 0):
+            return super().forward(x)
+        branch = self.apply_weight(x, self.delta_weight(self.base_weight()))
+        keep = 1.0 - self.drop_path
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1) if branch.ndim > 1 else (1,)
+        mask = torch.empty(shape, dtype=branch.dtype, device=branch.device).bernoulli_(keep).div_(keep)
+        return self.base(x) + branch * mask
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return keep_largest(self.dense_delta(), self.kept_sparsity)
@@ -137,6 +163,11 @@ class SnellCallback(TrainingCallback):
                 layer.set_sparsity(1.0 - v / size)
 
 
+def snell_count(weight: torch.Tensor, config: Mapping[str, Any]) -> int:
+    """r (in + out) for in_q and out_q, plus SNELLA's three kernel scalars."""
+    return lora_count(weight, config) + (3 if config["learnable_kernel"] else 0)
+
+
 register_adapter(
     AdapterSpec(
         name="snell",
@@ -148,10 +179,12 @@ register_adapter(
             "r": Field(32, 1, 4096, integer=True),
             "heads": Field(2, 1, 64, integer=True),
             "sparsity": Field(0.9, 0.0, 0.9999),
+            "drop_path": Field(0.1, 0.0, 0.99),
+            "learnable_kernel": Field(False, choices=(False, True)),
         },
         layer_class=SnellLayer,
         layer_types=("linear", "conv1d", "conv2d"),
-        count=lora_count,  # r (in + out): in_q and out_q
+        count=snell_count,
         identity_at_init=False,
         callback=SnellCallback,
         # SNELLA FGVC scripts: target_ratio 0.3, no warmups, allocation every step, β 0.85.
