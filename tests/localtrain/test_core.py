@@ -128,3 +128,14 @@ def test_a_resumed_trainer_continues_exactly(name, hp):
         resumed.step(x, y)
     for a, b in zip(trainer.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_every_method_carries_a_claim_and_a_docs_row():
+    from pathlib import Path
+
+    from trainlab.claims.registry import all_claims
+
+    claimed = {c.method for c in all_claims()}
+    assert set(localtrain.method_names()) <= claimed
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "localtrain.md").read_text()
+    assert all(f"| `{name}` |" in doc for name in localtrain.method_names())

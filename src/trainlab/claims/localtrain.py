@@ -20,7 +20,7 @@ from trainlab.lab import local
 from trainlab.lab.bench import resolve_hyperparameters
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import get_workload
-from trainlab.localtrain import eggroll, forward_gnn, gbnn, mono_forward, noprop
+from trainlab.localtrain import eggroll, forward_forward, forward_gnn, gbnn, mono_forward, noprop
 from trainlab.memory.allocations import PeakTensorMeter
 from trainlab.runtime import batch_generator
 
@@ -74,6 +74,29 @@ def mono_forward_mnist1d() -> ClaimResult:
         baseline=bp,
         passed=gap <= 0.03 and mf["activation peak bytes"] < bp["activation peak bytes"],
         note="the workload's residual MLP, cut into blocks by its as_sequential(); lr 1e-2 (Adam) for both",
+    )
+
+
+@register_claim(
+    "forward-forward/digits-mlp-local-goodness",
+    method="forward-forward",
+    paper=forward_forward.PAPER,
+    promise="Forward-Forward's per-layer goodness losses learn digits to over 85% (below backprop, not near chance)",
+    fast=False,
+)
+def forward_forward_digits() -> ClaimResult:
+    # The spec's CPU check: FF well above chance (> 85%) but below backprop (~97%); digits-mlp's hidden layers,
+    # its tuned lr 3e-3 (the 0.03 of full-batch re-creations is unstable at batch 64).
+    ff = _runs("digits-mlp", "forward-forward")
+    bp = _runs("digits-mlp", "backprop")
+    return ClaimResult(
+        measured={
+            **ff,
+            "gap to backprop (points)": round(100 * (bp["accuracy (mean, std)"][0] - ff["accuracy (mean, std)"][0]), 2),
+        },
+        baseline=bp,
+        passed=ff["accuracy (mean, std)"][0] > 0.85,
+        note="two forward passes per step (positive and negative data), C = 10 label passes per prediction",
     )
 
 
