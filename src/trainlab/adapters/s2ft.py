@@ -10,7 +10,8 @@ columns) ``int(ratio x units x structures)``-style random units are drawn from t
 and the consumers' columns get the same order, so the network function is unchanged — and each targeted layer trains
 one contiguous dense block ``s2`` (zero at init): rows ``y[..., a:b] += x s2ᵀ``, columns
 ``y += x[..., a:b] s2ᵀ``. Merging adds ``s2`` into ``W[a:b]`` (or ``W[:, a:b]``): the paper's in-place update.
-Targets outside any structure fall back to k = round(ratio·n) random rows (or columns, ``side``) of their own.
+Targets outside any structure fall back to k = round(ratio·n) random rows (or columns, ``side``) of their own; a
+Conv2d (groups 1) trains k whole output channels (rows) through a k-channel convolution.
 ratio 0.013 is the authors' LLaMA-7B FFN setting (``u_ratio = d_ratio``).
 """
 
@@ -47,6 +48,10 @@ class S2FTLayer(AdapterLayer):
         columns: Sequence[int] | None = None,
     ) -> None:
         super().__init__(base)
+        if self.kind == "conv2d" and (side == "columns" or base.groups != 1 or base.padding_mode != "zeros"):
+            raise ValueError(
+                "s2ft on a Conv2d trains whole output channels: side='rows', groups=1 and padding_mode='zeros' only"
+            )
         device = self.base_weight().device
         if rows is not None or columns is not None:
             self.side = "rows" if rows is not None else "columns"
@@ -80,6 +85,10 @@ class S2FTLayer(AdapterLayer):
             if self.side == "rows":
                 return torch.cat([y[..., :start], y[..., start:stop] + F.linear(x, self.s2), y[..., stop:]], -1)
             return y + F.linear(x[..., start:stop], self.s2)
+        if self.kind == "conv2d":  # the k selected output channels through a k-channel convolution
+            conv = self.base
+            s2 = self.s2.view(len(self.index), *conv.weight.shape[1:])
+            return y.index_add(-3, self.index, F.conv2d(x, s2, None, conv.stride, conv.padding, conv.dilation))
         if self.side == "rows":  # add the k selected outputs in place of a full-width zero-padded delta
             return y.index_add(-1, self.index, F.linear(x, self.s2))
         return y + F.linear(x.index_select(-1, self.index), self.s2)
@@ -228,7 +237,7 @@ register_adapter(
             "couple": Field("", text=True),
         },
         layer_class=S2FTLayer,
-        layer_types=("linear", "conv1d"),
+        layer_types=("linear", "conv1d", "conv2d"),
         count=s2ft_count,
         arrange=s2ft_arrange,
     )

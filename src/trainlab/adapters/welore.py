@@ -7,7 +7,8 @@ a low-rank component ``y = U'(V' x) + b`` with ``U' = U_k √S_k`` and ``V' = �
 weight dropped); the others stay dense and frozen. θ is set by bisection so that the rank removed over all targets is
 ``reduction`` of the total (default 0.5, the paper's 50% compression headline), or given directly as ``threshold``.
 Merging materializes ``U'V'``; ``merged_copy`` gives plain ``nn.Linear`` layers. Not the paper's bf16 factors: they
-keep the base dtype.
+keep the base dtype. A Conv2d (groups 1; the paper has none) is factored on its out x (in·kh·kw) matrix into a rank-k
+convolution followed by a 1x1 convolution.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlab.adapters.layer import AdapterLayer
+from trainlab.adapters.layer import AdapterLayer, weight_matrix
 from trainlab.adapters.registry import AdapterSpec, Field, register_adapter
 
 WELORE_PAPER = (
@@ -75,8 +76,13 @@ class WeLoreLayer(AdapterLayer):
         self, base: nn.Module, *, rank: int, reduction: float, threshold: float | None, min_ratio: float
     ) -> None:
         w = base.weight
-        original = w.t() if type(base).__name__ == "Conv1D" else w
         super().__init__(base)
+        if self.kind == "conv2d":  # a rank-k conv (k x in x kh x kw) then a 1x1 conv (out x k): the standard split
+            if base.groups != 1 or base.padding_mode != "zeros":
+                raise ValueError("welore factors a Conv2d only with groups=1 and padding_mode='zeros'")
+            self.conv_shape = tuple(base.weight.shape)
+            self.conv_args = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        original = weight_matrix(base)
         u, s, vh = torch.linalg.svd(original.detach().double(), full_matrices=False)
         root = s[:rank].sqrt()
         self.welore_U = nn.Parameter((u[:, :rank] * root).to(w.dtype))
@@ -96,6 +102,12 @@ class WeLoreLayer(AdapterLayer):
         raise TypeError("a WeLore layer replaces its weight instead of adding to it")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d":
+            if self.merged_weight is not None:
+                return F.conv2d(x, self.merged_weight.view(self.conv_shape), self.bias, **self.conv_args)
+            rank = self.welore_V.shape[0]
+            h = F.conv2d(x, self.welore_V.view(rank, *self.conv_shape[1:]), None, **self.conv_args)
+            return F.conv2d(h, self.welore_U[:, :, None, None], self.bias)
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight, self.bias)
         return F.linear(F.linear(x, self.welore_V), self.welore_U, self.bias)
@@ -112,12 +124,17 @@ class WeLoreLayer(AdapterLayer):
 
     @torch.no_grad()
     def merged_module(self) -> nn.Module:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear = linear.to(dtype=self.welore_U.dtype, device=self.welore_U.device)
-        linear.weight.copy_(self.welore_U @ self.welore_V)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        has_bias = self.bias is not None
+        if self.kind == "conv2d":
+            out_ch, in_ch, *kernel = self.conv_shape
+            plain: nn.Module = nn.Conv2d(in_ch, out_ch, tuple(kernel), bias=has_bias, **self.conv_args)
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, bias=has_bias)
+        plain = plain.to(dtype=self.welore_U.dtype, device=self.welore_U.device)
+        plain.weight.copy_((self.welore_U @ self.welore_V).view(plain.weight.shape))
+        if has_bias:
+            plain.bias.copy_(self.bias)
+        return plain
 
 
 def welore_count(weight: torch.Tensor, config: Mapping[str, Any]) -> int:
@@ -138,7 +155,7 @@ register_adapter(
             "min_ratio": Field(0.0, 0.0, 1.0),  # the official reduction script's default
         },
         layer_class=WeLoreLayer,
-        layer_types=("linear", "conv1d"),
+        layer_types=("linear", "conv1d", "conv2d"),
         count=welore_count,
         identity_at_init=False,
         plan=welore_plan,
