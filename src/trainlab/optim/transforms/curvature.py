@@ -167,7 +167,10 @@ class PreconditionMKOR(GradientTransform):
         if not self.observer.layers:
             raise RuntimeError(
                 "mkor has not seen a training forward pass through an nn.Linear or nn.Conv2d holding its "
-                "parameters; create the optimizer before the forward pass of its first step"
+                "parameters; create the optimizer before the forward pass of its first step. MKOR preconditions "
+                "whole layer weights from the layer's inputs and output gradients, so parameters that are not a "
+                "Linear/Conv2d weight (adapter factors: LoRA's A/B, S2FT blocks, ...) have nothing to precondition: "
+                "train those with adamw, muon, galore, mfac or another trainlab optimizer"
             )
         stats = self.observer.layers.get(id(param))
         # Parameters that are not a layer's weight get empty (0 × 0) factors: every state key must exist.
