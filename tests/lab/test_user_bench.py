@@ -154,3 +154,17 @@ def test_compress_finds_an_unwritable_out_before_training(tmp_path, capsys):
     args = ["compress", "--workload", "digits-mlp", "--method", "rtn", "--bits", "4", "--out", str(blocker / "o")]
     assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "cannot be written" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
+def test_schedule_options_from_the_command_line_and_a_config_file(user_module, tmp_path, capsys):
+    base = ["bench", "--model", f"{user_module}:make_model", "--data", f"{user_module}:make_batch",
+            "--algorithms", "sgd", "--steps", "20", "--quiet", "--schedule", "wsd"]  # fmt: skip
+    assert main([*base, "--schedule-option", "decay=0.2", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--schedule wsd: unknown option(s) ['decay']" in err and "decay_fraction" in err
+    assert not (tmp_path / "a").exists()
+    config = tmp_path / "run.toml"
+    config.write_text("[schedule-option]\ndecay_fraction = 0.5\nmin_lr_ratio = 0.0\n")
+    assert main([*base, "--config", str(config), "--out", str(tmp_path / "b")]) == 0
+    resolved = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert resolved["schedule_options"] == {"decay_fraction": 0.5, "min_lr_ratio": 0.0}

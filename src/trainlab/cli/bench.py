@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out),
         hyperparameters=parse_hyperparameters(args.hp),
         schedule=args.schedule,
+        schedule_options=_options(args.schedule_option),
         resume=args.resume,
         progress=not args.quiet,
         overwrite=args.overwrite,
@@ -69,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
     print((Path(args.out) / "report.md").read_text())
     print(f"{len(results)} runs; results.json, report.md and plots written to {args.out}")
     return 0
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    options = parse_hyperparameters(pairs)
+    nested = [k for k, v in options.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"--schedule-option expects KEY=VALUE, got a dotted key for {nested}")
+    return options
 
 
 def load_module(name: str) -> None:
@@ -131,6 +140,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="hyperparameter override, repeatable (e.g. --hp lr=3e-4 --hp adamw.weight_decay=0.1)",
     )
     p.add_argument("--schedule", default=None, help="learning-rate schedule (see trainlab list)")
+    p.add_argument(
+        "--schedule-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the schedule, repeatable (e.g. --schedule wsd --schedule-option decay=0.2)",
+    )
     p.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --out")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the results of a bench of another configuration in --out"

@@ -33,6 +33,7 @@ class BenchConfig:
     # Overrides: {"lr": 1e-3} for every algorithm, {"adamw": {"lr": 1e-3}} for one.
     hyperparameters: Mapping[str, Any] | None = None
     schedule: str | None = None
+    schedule_options: Mapping[str, Any] | None = None  # the schedule's own options, e.g. {"warmup": 0.1}
     resume: bool = False
     checkpoint_every: int = 50
     progress: bool = True
@@ -55,11 +56,28 @@ def validate(config: BenchConfig) -> list[Workload]:
 
         if config.schedule not in scheduler_names():
             raise ValueError(f"unknown schedule {config.schedule!r}; choose one of: {', '.join(scheduler_names())}")
+        _check_schedule(config, workloads)
+    elif config.schedule_options:
+        raise ValueError("schedule options need a schedule (--schedule)")
     if not isinstance(config.seeds, int) or config.seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {config.seeds!r}")
     if config.steps is not None and (not isinstance(config.steps, int) or config.steps < 1):
         raise ValueError(f"steps must be a positive integer, got {config.steps!r}")
     return workloads
+
+
+def _check_schedule(config: BenchConfig, workloads: Sequence[Workload]) -> None:
+    """Build the schedule once on a throwaway optimizer, where its options are checked."""
+    import torch
+
+    from trainlab.schedules import create_scheduler
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        create_scheduler(config.schedule, probe, total_steps=config.steps or workloads[0].steps,
+                         **dict(config.schedule_options or {}))  # fmt: skip
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--schedule {config.schedule}: {err}") from None
 
 
 def _check_override_names(config: BenchConfig) -> None:
@@ -131,6 +149,7 @@ def resolved_config(config: BenchConfig, workloads: Sequence[Workload]) -> dict[
         "steps": config.steps,
         "hyperparameters": dict(config.hyperparameters or {}),
         "schedule": config.schedule,
+        "schedule_options": dict(config.schedule_options or {}),
         "checkpoint_every": config.checkpoint_every,
         "runs": runs,
     }
@@ -153,7 +172,7 @@ def _run_one(
         from trainlab.schedules import create_scheduler
 
         def make_scheduler(opt: Any) -> Any:
-            return create_scheduler(config.schedule, opt, total_steps=steps)
+            return create_scheduler(config.schedule, opt, total_steps=steps, **dict(config.schedule_options or {}))
 
     checkpoint = out / "checkpoints" / f"{workload.name}--{algorithm}--seed{seed}.pt"
     reset_peak_rss()
@@ -168,7 +187,12 @@ def _run_one(
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         progress=progress,
-        config={"algorithm": algorithm, "hyperparameters": hp, "schedule": config.schedule},
+        config={
+            "algorithm": algorithm,
+            "hyperparameters": hp,
+            "schedule": config.schedule,
+            "schedule_options": dict(config.schedule_options or {}),
+        },  # fmt: skip
         on_evaluation=on_evaluation,
     )
     if log is not None:
