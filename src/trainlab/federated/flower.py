@@ -177,6 +177,7 @@ class TrainlabStrategy(_Participation, FedAvg):
             returned, _ = to_vector(reply.content["arrays"])
             metrics = reply.content["metrics"]
             updates.append(ClientUpdate(int(metrics["client-id"]), returned - x, float(metrics["num-examples"])))
+        updates.sort(key=lambda u: u.client)  # Flower samples nodes in random order; sums in client order
         step = self.aggregator.aggregate(updates).double()
         metrics = MetricRecord({"participants": len(updates), "failed": len(replies) - len(valid)})
         return from_vector(x + step, template), metrics

@@ -168,7 +168,7 @@ def _run_flower(job, trainer, aggregator, matrix, evaluate) -> FederatedRun:
         evaluate_fn=server_eval,
     )
     failures = {(r, c) for r, c, _ in strategy.failures}
-    run.failures = list(strategy.failures)
+    run.failures = sorted(strategy.failures)  # Flower visits the sampled nodes in random order
     for t in range(job.rounds):
         failed = sorted(c for r, c in failures if r == t)
         present = [n for n in range(job.clients) if bool(matrix[t, n]) and n not in failed]
