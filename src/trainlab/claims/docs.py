@@ -101,12 +101,21 @@ def batch_method_rows() -> Iterable[Row]:
         yield name, spec.paper, f"{spec.summary} (`{spec.entry}`)", defaults
 
 
+def distributed_rows() -> Iterable[Row]:
+    from trainlab.distributed import comm_specs
+
+    for spec in comm_specs():
+        defaults = ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items()) or "-"
+        yield spec.name, spec.kind, spec.paper, spec.summary, defaults
+
+
 SECTIONS = (
     Section("Optimizers", ("paper", "what it is", "defaults"), optimizer_rows),
     Section("Batch size", ("paper", "what it is", "defaults"), batch_method_rows),
     Section("Compression", ("kind", "paper", "what it is", "level / budget", "needs"), compression_rows),
     Section("Training without backpropagation", ("paper", "what it is", "model", "defaults"), localtrain_rows),
     Section("Adapters", ("paper", "what it is", "layers", "defaults", "needs", "PEFT export"), adapter_rows),
+    Section("Distributed communication", ("kind", "paper", "what it is", "defaults"), distributed_rows),
     Section("Federated learning", ("kind", "paper", "what it is", "defaults"), federated_rows),
 )
 
