@@ -111,3 +111,19 @@ def test_bad_couple_strings_raise_naming_the_option() -> None:
         adapters.attach(model(), "s2ft", targets=["up"], couple="fc1>fc2")
     with pytest.raises(ValueError, match="multiple of the unit width"):
         adapters.attach(model(), "s2ft", targets=["up"], couple="up,gate>down:3")
+
+
+def test_a_layer_between_two_structures_is_permuted_on_both_axes(tmp_path) -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).to(D)
+    inputs = torch.randn(5, 6, dtype=D)
+    tuned = adapters.attach(plain, "s2ft", targets=["0", "4"], ratio=0.5, couple="0>2;2>4")
+    torch.testing.assert_close(tuned(inputs), plain(inputs), rtol=0, atol=1e-13)
+    assert set(adapters.adapter_info(tuned)["permutations"]["2"]) == {"rows", "columns"}
+    with torch.no_grad():
+        for p in adapters.trainable_parameters(tuned):
+            p.normal_()
+    adapters.save_adapter(tuned, tmp_path)
+    torch.testing.assert_close(adapters.load_adapter(plain, tmp_path)(inputs), tuned(inputs), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="both its rows and its columns"):
+        adapters.attach(plain, "s2ft", targets=["2"], couple="0>2;2>4")

@@ -205,14 +205,16 @@ def s2ft_arrange(
         order = (unit_order[:, None] * unit + torch.arange(unit)).flatten()
         co_permute_([model.get_submodule(n) for n in producers], [model.get_submodule(n) for n in consumers], order)
         only_rows = int((in_rows & ~in_cols).sum())
-        for n in producers:
-            permutations[n] = {"rows": order.tolist()}
+        blocks = {n: ("rows", [0, len(r) * unit]) for n in producers}
+        blocks |= {n: ("columns", [only_rows * unit, (only_rows + len(c)) * unit]) for n in consumers}
+        for n, (side, block) in blocks.items():
+            if side in permutations.setdefault(n, {}):
+                raise ValueError(f"s2ft: {n} is in two coupled structures on its {side}; name it in one only")
+            permutations[n][side] = order.tolist()
             if n in targeted:
-                layers[n] = {"rows": [0, len(r) * unit]}
-        for n in consumers:
-            permutations[n] = {"columns": order.tolist()}
-            if n in targeted:
-                layers[n] = {"columns": [only_rows * unit, (only_rows + len(c)) * unit]}
+                if layers[n]:  # a layer between two structures (consumer of one, producer of the next)
+                    raise ValueError(f"s2ft: {n} would train both its rows and its columns; target it in one role")
+                layers[n] = {side: block}
     return layers, permutations
 
 
