@@ -63,3 +63,30 @@ def test_gbnn_runs_one_stage_per_step_on_the_whole_training_set(tmp_path):
     assert result["steps"] == 2  # the method's own count: 4 units, 2 per stage
     assert result["final_metric"] > 0.2
     assert result["activation_peak_bytes"] > 0  # measured on a fresh trainer: a finished GBNN has no unit left
+
+
+def test_a_local_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    from trainlab.lab import local
+    from trainlab.lab.runner import train
+    from trainlab.lab.workloads import get_workload
+
+    workload = get_workload("digits-mlp")
+    make = local.make_trainer(workload, "forward-forward", {"threshold": 2.0, "lr": 3e-3, "embedding": "overwrite"}, 0)
+    path = tmp_path / "ff.pt"
+    with pytest.warns(UserWarning, match="classifier head"):
+        straight = train(workload, make, steps=12, eval_every=6)
+    done = []
+
+    def interrupt_after_seven_steps(n):
+        done.append(n)
+        if len(done) == 7:
+            raise KeyboardInterrupt  # killed after step 7: the checkpoint of step 6 is on disk
+
+    with pytest.warns(UserWarning, match="classifier head"), pytest.raises(KeyboardInterrupt):
+        kw = {"checkpoint": path, "checkpoint_every": 6, "progress": interrupt_after_seven_steps}
+        train(workload, make, steps=12, eval_every=6, **kw)
+    with pytest.warns(UserWarning, match="classifier head"):
+        resumed = train(workload, make, steps=12, eval_every=6, checkpoint=path, checkpoint_every=6, resume=True)
+    assert resumed.train_losses == straight.train_losses  # the negatives' generator continued, not restarted
+    for a, b in zip(straight.optimizer.trainer.parameters(), resumed.optimizer.trainer.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
