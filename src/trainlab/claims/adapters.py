@@ -165,7 +165,7 @@ ADAPTER_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "adalora": ({}, {"init_warmup": 50, "final_warmup": 100, "mask_interval": 10}),
     "bone": ({}, {}),
     "hut": ({}, {}),
-    "s2ft": ({}, {}),
+    "s2ft": ({"couple": "1>3"}, {}),  # the paper's FFN coupling: rows of the first hidden layer, columns of the next
     "sara": ({"fraction": 0.15}, {"progressive_iter": 150, "min_dim": 0}),
     "snell": ({}, {}),
     "welore": ({}, {}),
