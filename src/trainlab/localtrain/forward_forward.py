@@ -104,7 +104,7 @@ class ForwardForward(LocalTrainer):
             warnings.warn(
                 f"forward-forward: the final block {blocks[-1]} has no activation; it is a classifier head that "
                 "Forward-Forward does not use (it classifies by goodness), so it stays untrained",
-                stacklevel=3,
+                stacklevel=4,  # the caller of localtrain.create
             )
             blocks = blocks[:-1]
         self.model = model

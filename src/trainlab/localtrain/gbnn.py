@@ -97,7 +97,7 @@ class GBNN(LocalTrainer):
             warnings.warn(
                 f"gbnn: the model's layers with parameters are replaced by a boosted one-hidden-layer network of "
                 f"{total_units} logistic units; only its leading parameter-free layers ({prefix}) are kept",
-                stacklevel=3,
+                stacklevel=4,  # the caller of localtrain.create
             )
         self.prefix = nn.Sequential(*prefix)
         self.num_classes, self.total_units, self.units_per_stage = num_classes, total_units, units_per_stage
