@@ -52,7 +52,7 @@ _COMPRESSORS = {
             "sign",
             "compressor",
             "Error Feedback Fixes SignSGD and other Gradient Compression Schemes",
-            "(||x||_1/d) sign(x); 1 bit per entry + one scale, all-gathered",
+            "mean absolute value times sign(x); 1 bit per entry + one scale, all-gathered",
             {},
             {},
             ScaledSign,
@@ -99,11 +99,33 @@ _FEEDBACK = {
     )
 }
 assert tuple(_FEEDBACK) == FEEDBACK
+_SGC_PAPER = "Sequential Gradient Coding for Straggler Mitigation"
+_CODING = {
+    s.name: s
+    for s in (
+        CommSpec(
+            "gc",
+            "straggler coding",
+            "Gradient Coding: Avoiding Stragglers in Distributed Learning (Tandon et al. 2017)",
+            "fractional-repetition code, s stragglers per round (`gradient_coding.simulate_gc`)",
+            {"s": 1, "mu": 0.1},
+            {"s": Between(0, 1e9, integer=True), "mu": Between(0.0, 1e9)},
+        ),
+        CommSpec(
+            "m-sgc",
+            "straggler coding",
+            _SGC_PAPER,
+            "jobs split into minitasks over rounds, (B, W, lambda)-bursty stragglers (`gradient_coding.simulate_msgc`)",
+            {"b": 2, "w": 6, "lam": 3, "mu": 0.1},
+            {k: Between(1, 1e9, integer=True) for k in ("b", "w", "lam")} | {"mu": Between(0.0, 1e9)},
+        ),
+    )
+}
 
 
 def comm_specs() -> list[CommSpec]:
-    """Every compressor, then every error-feedback scheme."""
-    return [*_COMPRESSORS.values(), *_FEEDBACK.values()]
+    """Every compressor, every error-feedback scheme, then the straggler codes (simulated)."""
+    return [*_COMPRESSORS.values(), *_FEEDBACK.values(), *_CODING.values()]
 
 
 def _checked(spec: CommSpec, hp: Mapping[str, Any]) -> dict[str, Any]:
