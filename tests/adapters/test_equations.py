@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import mse
+from adapter_toys import mse
 from torch import nn
 
 import trainlab.adapters as adapters

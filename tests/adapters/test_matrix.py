@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOY_CALLBACKS, TOY_CONFIGS, adapted, mlp, mse, perturb, regression_batch
+from adapter_toys import TOY_CALLBACKS, TOY_CONFIGS, adapted, mlp, mse, perturb, regression_batch
 from torch import nn
 
 import trainlab.adapters as adapters

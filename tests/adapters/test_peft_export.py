@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturb
+from adapter_toys import perturb
 from torch import nn
 
 import trainlab.adapters as adapters
