@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from trainlab.runtime import batch_generator, evaluating
+from trainlab.runtime import atomic_path, batch_generator, evaluating
 
 
 def test_evaluating_restores_each_submodules_own_mode():
@@ -34,3 +34,18 @@ def test_batch_generator_is_seeded_per_run_and_step():
     assert torch.equal(draw(1, 5), draw(1, 5))
     assert not torch.equal(draw(1, 5), draw(1, 6))
     assert not torch.equal(draw(1, 5), draw(2, 5))
+
+
+def test_atomic_path_writes_whole_files_or_nothing(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert not target.exists()  # nothing visible until the block succeeds
+    assert target.read_text() == "new"
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]

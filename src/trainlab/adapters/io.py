@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -16,6 +15,7 @@ from torch import nn
 from trainlab.adapters.attach import adapter_info, adapter_layers, install_layers
 from trainlab.adapters.layer import apply_permutations_
 from trainlab.adapters.registry import get_spec
+from trainlab.runtime import atomic_path
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter.safetensors"
@@ -24,14 +24,8 @@ FORMAT = "trainlab-adapter/1"
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(temporary_path)`` and move the result onto ``path`` in one step."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:

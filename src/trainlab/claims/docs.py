@@ -8,13 +8,12 @@ pillar's registry; the claims column is added from the claims registry. A new pi
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainlab.claims.registry import Claim, all_claims
+from trainlab.runtime import atomic_path
 
 Row = tuple[str, ...]  # (method name, *cells); the name is what claims name as their ``method``
 
@@ -175,9 +174,7 @@ def render_methods_table() -> str:
 
 def write_methods_table(path: Path) -> Path:
     """Write the table to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(render_methods_table())
-    os.replace(tmp, path)
+    text = render_methods_table()
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path

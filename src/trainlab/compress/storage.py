@@ -18,8 +18,6 @@ format is one file plus its test.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import nn
 from trainlab.compress import sparse_formats  # noqa: F401  (registers bitmask, csr, nm)
 from trainlab.compress.formats import SEP, Packed, format_of
 from trainlab.compress.registry import compressor_names
+from trainlab.runtime import atomic_path
 
 META_KEY = "trainlab.format"
 LEGACY_KEYS = ("trainlab.quant", "trainlab.sparse", "trainlab.baq")
@@ -102,14 +101,8 @@ def _check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> int:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path.stat().st_size
 
 

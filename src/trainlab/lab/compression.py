@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from trainlab.compress import recover
 from trainlab.lab.workloads.base import Workload
-from trainlab.runtime import batch_generator
+from trainlab.runtime import atomic_path, batch_generator
 
 CALIBRATION_SEED = 999_983  # far from training seeds, so calibration batches are not training batches
 
@@ -61,10 +61,8 @@ def trained_model(
     )
     bar.close()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(result.model.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(result.model.state_dict(), tmp)
     return result.model
 
 
