@@ -34,3 +34,23 @@ def digits_reach_target_with_adamw() -> ClaimResult:
         passed=all(v is not None for v in ours.values()),
         note="steps to the target accuracy, evaluated every eval_every steps; SGD with momentum as reference",
     )
+
+
+@register_claim(
+    "lab/pylm-large-adamw",
+    method="adamw",
+    paper=ADAMW_PAPER,
+    promise="AdamW trains pylm-large (4 layers, d 256, context 256) to its bits-per-byte target within the default "
+    "budget",
+    fast=False,
+)
+def pylm_large_reaches_target_with_adamw() -> ClaimResult:
+    workload = get_workload("pylm-large")
+    steps = _steps_to_target("pylm-large", "adamw")
+    return ClaimResult(
+        measured={"pylm-large steps to target": steps},
+        baseline={"budget (steps)": workload.steps, "target (bits/byte)": workload.target},
+        passed=steps is not None,
+        note="seed 0, the workload's tuned AdamW, evaluation every eval_every steps; several CPU minutes on one core, "
+        "so it is a claim rather than a suite test",
+    )
