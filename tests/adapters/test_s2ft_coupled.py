@@ -79,6 +79,23 @@ def test_coupled_selection_is_contiguous_function_preserving_and_merges_exactly(
     torch.testing.assert_close(adapters.merged_copy(tuned)(x()), y, rtol=0, atol=1e-12)
 
 
+def test_merged_copy_puts_the_channels_back_in_the_original_order() -> None:
+    plain = model()
+    tuned = adapters.attach(plain, "s2ft", targets=["q", "v", "o", "up", "down"], ratio=0.25, couple=COUPLE)
+    merged = adapters.merged_copy(tuned)
+    assert all(
+        torch.equal(a, b) for a, b in zip(merged.state_dict().values(), plain.state_dict().values(), strict=True)
+    )
+    with torch.no_grad():
+        tuned[0].up.s2.fill_(1.0)
+    merged = adapters.merged_copy(tuned)
+    torch.testing.assert_close(merged(x()), tuned(x()), rtol=0, atol=1e-12)
+    changed = (merged[0].up.weight != plain[0].up.weight).any(1)
+    order = adapters.adapter_info(tuned)["permutations"]["0.up"]["rows"]
+    start, stop = tuned[0].up.block
+    assert changed.nonzero().flatten().tolist() == sorted(order[start:stop])  # the selected original channels
+
+
 def test_coupled_adapter_round_trips_onto_the_plain_base(tmp_path) -> None:
     plain = model()
     tuned = adapters.attach(plain, "s2ft", targets=["up", "down"], ratio=0.3, couple="up,gate>down")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainlab.adapters.layer import AdapterLayer, layer_type, weight_matrix
+from trainlab.adapters.layer import AdapterLayer, apply_permutations_, layer_type, weight_matrix
 from trainlab.adapters.registry import get_spec
 
 Target = str | type
@@ -133,11 +133,19 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain model (no adapter layers, every parameter trainable) computing what the adapted ``model`` does."""
-    adapter_info(model)
+    """A plain model (no adapter layers, every parameter trainable) computing what the adapted ``model`` does.
+
+    Channels that S2FT co-permuted are put back in the original order, so the copy lines up with the base model.
+    """
+    info = adapter_info(model)
     plain = copy.deepcopy(model)
     for name, layer in adapter_layers(plain).items():
         _set_module(plain, name, layer.merged_module())
+    inverse = {
+        name: {side: torch.argsort(torch.tensor(order)).tolist() for side, order in sides.items()}
+        for name, sides in info.get("permutations", {}).items()
+    }
+    apply_permutations_(plain, inverse)
     del plain._trainlab_adapter
     for p in plain.parameters():
         p.requires_grad_(True)
