@@ -36,11 +36,10 @@ GRID = {
     "mnist1d-mlp": ["backprop", "mono-forward", "forward-forward"],
     "sbm-gnn": ["backprop", "forward-gnn"],
 }
-OVERRIDES = {"mnist1d-mlp": {"mono-forward": {"lr": 1e-2}}}  # as in the claim: backprop's tuned lr
 
 
 def _stepper(workload, algorithm):
-    hp = resolve_hyperparameters(algorithm, workload, OVERRIDES.get(workload.name))
+    hp = resolve_hyperparameters(algorithm, workload)
     torch.manual_seed(0)
     model = workload.make_model()
     with warnings.catch_warnings():
@@ -81,7 +80,7 @@ def _bench_workload(name: str, steps: int, rounds: int) -> list[str]:
     base = statistics.median(times["backprop"])
     for a, (_, _, size, step) in runs.items():
         batch = workload.make_batch(size, batch_generator(0, counter[a]))
-        hp = resolve_hyperparameters(a, workload, OVERRIDES.get(workload.name))
+        hp = resolve_hyperparameters(a, workload)
         held = local.activation_peak_bytes(workload, a, hp, 0, batch)
         with PeakTensorMeter() as meter:
             step(batch)
