@@ -2,6 +2,7 @@
 bench and compress, with the resolved configuration written next to the results."""
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -168,3 +169,17 @@ def test_schedule_options_from_the_command_line_and_a_config_file(user_module, t
     assert main([*base, "--config", str(config), "--out", str(tmp_path / "b")]) == 0
     resolved = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
     assert resolved["schedule_options"] == {"decay_fraction": 0.5, "min_lr_ratio": 0.0}
+
+
+def test_workloads_registered_by_an_installed_package_entry_point(user_module, tmp_path, monkeypatch):
+    dist = tmp_path / "my_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[trainlab.workloads]\nmy-task = user_bench_registering\n")
+    from trainlab.lab.workloads import base
+
+    monkeypatch.delitem(base._WORKLOADS, "my-task", raising=False)  # registered only by loading the entry point
+    monkeypatch.delitem(sys.modules, "user_bench_registering", raising=False)
+    out = tmp_path / "out"
+    code = main(["bench", "--workload", "my-task", "--algorithms", "adamw", "--out", str(out), "--quiet"])
+    assert code == 0 and _results(out)[0]["workload"] == "my-task"

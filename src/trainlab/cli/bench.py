@@ -39,6 +39,7 @@ def parse_hyperparameters(pairs: Sequence[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from trainlab.lab.bench import DEMO_WORKLOADS, BenchConfig, run_bench
 
+    load_entry_points()
     for module in args.imports:  # user code that registers workloads with register_workload
         load_module(module)
     workloads = args.workload
@@ -78,6 +79,22 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
     if nested:
         raise ValueError(f"--schedule-option expects KEY=VALUE, got a dotted key for {nested}")
     return options
+
+
+ENTRY_POINTS = "trainlab.workloads"
+
+
+def load_entry_points() -> None:
+    """Import every installed package's ``trainlab.workloads`` entry point (its module registers workloads)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINTS):
+        try:
+            entry.load()
+        except Exception as err:  # a broken plugin is named, not a traceback from deep inside it
+            raise ValueError(
+                f"entry point {entry.name} = {entry.value} ({ENTRY_POINTS}) failed to load: {err}"
+            ) from None
 
 
 def load_module(name: str) -> None:
