@@ -22,6 +22,22 @@ from trainlab.optim.transform import GradientTransform, is_step_counter
 # Group keys that are not hyperparameters: what torch.optim and LR schedulers put in a group.
 _SHELL_KEYS = frozenset({"params", "param_names", "chain", "initial_lr"})
 
+
+def _refuse_dtensor(chain: str, transform: GradientTransform, params: list[Tensor]) -> None:
+    """Refuse FSDP2's sharded parameters at construction for a chain that cannot handle them (instead of a
+    mixed Tensor/DTensor error at the first step)."""
+    if not transform.refuses_dtensor or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        raise ValueError(
+            f"chain {chain!r} cannot optimize FSDP2 (fully_shard) DTensor parameters ({transform.refuses_dtensor}). "
+            "Use it under DDP or on one process, or choose an optimizer that runs under FSDP2 (adamw, lion, sgd, "
+            "spam, stable-spam, diffgrad, muon, ...)"
+        )
+
+
 # A user key feeding a chain's group key, optionally through a conversion (e.g. FRUGAL's density -> rank).
 Rename = str | tuple[str, Callable[[Any], Any]]
 
@@ -126,6 +142,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         by_chain = self._route(param_group)
         values = {**self.defaults, **param_group}
         for name, items in by_chain.items():
+            _refuse_dtensor(name, self.chains[name], [p for _, p in items])
             group = {
                 key: values[user] if convert is None else convert(values[user])
                 for user, (key, convert) in self._feeds[name].items()

@@ -48,6 +48,8 @@ class GradientTransform:
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
     per_parameter: ClassVar[bool] = False
     wide_state: ClassVar[frozenset[str]] = frozenset()
+    # Why this transform cannot run on FSDP2's sharded (DTensor) parameters; empty when it can.
+    refuses_dtensor: ClassVar[str] = ""
 
     def all_hyperparameters(self) -> dict[str, Any]:
         """The param-group keys this transform (and any transform inside it) reads, with defaults."""
@@ -81,6 +83,8 @@ class Chain(GradientTransform):
         self.wide_state = frozenset(  # type: ignore[misc]
             p + k for p, t in zip(self.prefixes, transforms, strict=True) for k in t.wide_state
         )
+        refusals = [f"{t.name}: {t.refuses_dtensor}" for t in transforms if t.refuses_dtensor]
+        self.refuses_dtensor = "; ".join(refusals)  # type: ignore[misc]
 
     def all_hyperparameters(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}

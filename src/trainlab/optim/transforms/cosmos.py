@@ -48,6 +48,7 @@ class ScaleByCOSMOS(GradientTransform):
 
     name = "scale_by_cosmos"
     per_parameter = True
+    refuses_dtensor = "its eigenbasis and low-rank state need the whole matrix and are plain tensors"
     hyperparameters = {"rank": 64, "gamma": 0.2, "lr_ratio": 0.1, "betas": (0.9, 0.999), "eps": 1e-8}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -97,6 +97,7 @@ class ScaleByMFAC(GradientTransform):
 
     name = "scale_by_mfac"
     wide_state = frozenset({"gram"})
+    refuses_dtensor = "its gradient window and Gram matrix are plain tensors written row by row"
     hyperparameters = {"ngrads": 1024, "damp": 1e-5, "momentum": 0.0}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -157,6 +158,7 @@ class PreconditionMKOR(GradientTransform):
     """
 
     name = "precondition_mkor"
+    refuses_dtensor = "its layer hooks see the unsharded module tensors, never the sharded parameters"
     hyperparameters = {"inv_freq": 10, "stat_decay": 0.95, "stabilization_factor": 0.1, "warmup_steps": 0}
 
     def __init__(self, observer: LayerObserver) -> None:

@@ -38,7 +38,9 @@ class ScaleByDiffGrad(ScaleByAdam):
         torch._foreach_sigmoid_(prev)
         torch._foreach_mul_(prev, m)
         out = adam_ratio(prev, v, group["eps"], *bias_corrections(steps, group["betas"], raw_eps=True))
-        torch._foreach_copy_(prev, updates)
+        # One copy_ per tensor: DTensor (FSDP2) has no sharding strategy for _foreach_copy_.
+        for p, u in zip(prev, updates, strict=True):
+            p.copy_(u)
         return out, state
 
 

@@ -210,6 +210,7 @@ class ProjectSubspace(GradientTransform):
 
     name = "project_subspace"
     per_parameter = True  # each matrix's step reads only its own gradient, state and projector
+    refuses_dtensor = "the projector (SVD or coordinates) needs the whole matrix; its state is a plain tensor"
     hyperparameters = {
         "rank": 0.25,
         "update_proj_gap": 200,
@@ -293,6 +294,7 @@ class ScaleByWeightNormProjection(GradientTransform):
 
     name = "weight_norm_projection"
     per_parameter = True
+    refuses_dtensor = "row norms and the projection need the whole matrix; its state is a plain tensor"
     hyperparameters = {"weight_decay": 0.0}
 
     def __init__(self, subspace: ProjectSubspace, gain_transform: GradientTransform) -> None:

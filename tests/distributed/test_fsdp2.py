@@ -1,0 +1,96 @@
+"""trainlab optimizers on FSDP2 (fully_shard, DTensor parameters): 2 gloo processes, forked once.
+
+Optimizers that run match single-process training on the concatenated batches; the ones that cannot handle
+sharded parameters refuse at construction with an error naming FSDP2 (not a mixed Tensor/DTensor error at the
+first step)."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from trainlab import optim
+
+RUNS = ("adamw", "lion", "sgd", "diffgrad", "muon")
+REFUSES = ("galore", "frugal", "gradnorm-lorp", "cosmos", "mfac", "mkor")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(10 * step + rank)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+
+
+def _train(name, model, rank=None, steps=3):
+    opt = optim.create(name, model.parameters())
+    for step in range(steps):
+        if rank is None:  # one process: both ranks' batches at once (FSDP averages the two ranks' gradients)
+            x, y = (torch.cat(t) for t in zip(*(_batch(r, step) for r in range(2)), strict=True))
+        else:
+            x, y = _batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def _sharded():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _worker(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for name in RUNS:
+            ref = _train(name, _model())
+            sharded = _train(name, _sharded(), rank)
+            results[name] = max(
+                float((p.full_tensor() - q).abs().max())
+                for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
+            )
+        for name in REFUSES:
+            try:
+                optim.create(name, _sharded().parameters())
+                results[name] = "constructed"
+            except ValueError as e:
+                results[name] = str(e)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    import torch._dynamo  # noqa: F401  (imported on first use by FSDP: once here, not in each child)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.pt")
+        mp.start_processes(_worker, args=(os.path.join(tmp, "store"), out), nprocs=2, start_method="fork")
+        return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_optimizer_on_fsdp2_matches_one_process(results, name):
+    assert results[name] <= 1e-6, f"{name}: max |FSDP2 - single process| = {results[name]:.2e}"
+
+
+@pytest.mark.parametrize("name", REFUSES)
+def test_optimizer_that_cannot_shard_refuses_at_construction_naming_fsdp2(results, name):
+    assert "FSDP2" in results[name] and "DTensor" in results[name], results[name]
