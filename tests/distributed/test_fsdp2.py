@@ -15,7 +15,20 @@ from torch import nn
 
 from trainlab import optim
 
-RUNS = ("adamw", "lion", "sgd", "diffgrad", "muon")
+RUNS = (
+    "adamw",
+    "auon",
+    "diffgrad",
+    "lion",
+    "lion-k",
+    "muon",
+    "orthograd",
+    "sgd",
+    "spam",
+    "stable-spam",
+    "torch-adamw",
+    "torch-sgd",
+)
 REFUSES = ("galore", "frugal", "gradnorm-lorp", "cosmos", "mfac", "mkor")
 
 
@@ -60,7 +73,7 @@ def _worker(rank, store, out):
             ref = _train(name, _model())
             sharded = _train(name, _sharded(), rank)
             results[name] = max(
-                float((p.full_tensor() - q).abs().max())
+                float((p.full_tensor() - q).detach().abs().max())
                 for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
             )
         for name in REFUSES:
