@@ -65,6 +65,20 @@ def _sharded():
     return fully_shard(model)
 
 
+def _state_bytes(rank):
+    """(sum over ranks of state_bytes after one sharded AdamW step, one process's state_bytes + the second rank's
+    per-parameter step counters): each rank holds its shards of the moments and its own counters."""
+    counts = []
+    for model, batch in ((_sharded(), _batch(rank, 0)), (_model(), _batch(0, 0))):
+        opt = optim.create("adamw", model.parameters())
+        nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
+        opt.step()
+        counts.append(optim.state_bytes(opt))
+    total = torch.tensor(float(counts[0]))
+    dist.all_reduce(total)
+    return float(total), float(counts[1] + 4 * len(list(_model().parameters())))
+
+
 def _worker(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -76,6 +90,7 @@ def _worker(rank, store, out):
                 float((p.full_tensor() - q).detach().abs().max())
                 for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
             )
+        results["state bytes"] = _state_bytes(rank)
         for name in REFUSES:
             try:
                 optim.create(name, _sharded().parameters())
@@ -107,3 +122,8 @@ def test_optimizer_on_fsdp2_matches_one_process(results, name):
 @pytest.mark.parametrize("name", REFUSES)
 def test_optimizer_that_cannot_shard_refuses_at_construction_naming_fsdp2(results, name):
     assert "FSDP2" in results[name] and "DTensor" in results[name], results[name]
+
+
+def test_state_bytes_count_this_ranks_shards(results):
+    summed, expected = results["state bytes"]
+    assert summed == expected

@@ -5,14 +5,26 @@ from __future__ import annotations
 import torch
 
 
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) state tensor, whose own data_ptr is always 0; else the tensor."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):
+            return value.to_local()
+    return value
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of all tensors in ``optimizer.state`` (moments, projectors, counters), counted once each."""
+    """Bytes of all tensors in ``optimizer.state`` (moments, projectors, counters), counted once each; under
+    FSDP2 the bytes this rank holds (its shards)."""
     seen: set[int] = set()
     total = 0
 
     def visit(value: object) -> None:
         nonlocal total
         if isinstance(value, torch.Tensor):
+            value = _local(value)
             ptr = value.data_ptr()
             if ptr not in seen:  # tensors sharing storage (views) are counted once
                 seen.add(ptr)
