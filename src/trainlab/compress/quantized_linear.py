@@ -19,7 +19,8 @@
 ``mode="auto"`` takes a kernel where the format and shape allow it and ``dequantize`` otherwise. Both kernels
 round activations to bfloat16, so outputs equal the dequantized reference to bfloat16 precision, not float32's;
 ``mode="cache"`` keeps float32 results. :func:`runtime_model` swaps every quantized ``nn.Linear`` of a model for
-this module.
+this module. A runtime model is for inference: its kernel tensors are not in its ``state_dict`` (they depend on the
+kernel's layout); save the compression result (``result.save``) and rebuild with ``load_model(..., runtime=)``.
 """
 
 from __future__ import annotations
