@@ -113,10 +113,6 @@ def finetune(
         cb = state.get("callback")
         return _CallbackAsScheduler(cb) if cb is not None else None
 
-    # torch.optim's first step imports torch._dynamo lazily (~5 s here): done now, it stays out of the wall time
-    # of whichever method runs first in the process.
-    import torch._dynamo  # noqa: F401
-
     reset_peak_rss()
     run = train(
         workload,
