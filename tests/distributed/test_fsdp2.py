@@ -79,6 +79,35 @@ def _state_bytes(rank):
     return float(total), float(counts[1] + 4 * len(list(_model().parameters())))
 
 
+def _dcp_resume(name, rank, folder):
+    """Max |difference| between 2 straight sharded steps and 1 step, a torch.distributed.checkpoint save/load into
+    fresh objects, 1 more step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def step(model, opt, s):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(_batch(rank, s)[0]), _batch(rank, s)[1]).backward()
+        opt.step()
+
+    model = _sharded()
+    opt = optim.create(name, model.parameters())
+    step(model, opt, 0)
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=folder)
+    step(model, opt, 1)
+    fresh = _sharded()
+    fresh_opt = optim.create(name, fresh.parameters())
+    state = {"model": fresh.state_dict(), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(state, checkpoint_id=folder)
+    fresh.load_state_dict(state["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+    step(fresh, fresh_opt, 1)
+    return max(
+        float((p.full_tensor() - q.full_tensor()).detach().abs().max())
+        for p, q in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
+
+
 def _worker(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -91,6 +120,8 @@ def _worker(rank, store, out):
                 for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
             )
         results["state bytes"] = _state_bytes(rank)
+        for name in ("adamw", "muon", "stable-spam"):
+            results[f"dcp {name}"] = _dcp_resume(name, rank, os.path.join(os.path.dirname(out), f"dcp-{name}"))
         for name in REFUSES:
             try:
                 optim.create(name, _sharded().parameters())
@@ -127,3 +158,8 @@ def test_optimizer_that_cannot_shard_refuses_at_construction_naming_fsdp2(result
 def test_state_bytes_count_this_ranks_shards(results):
     summed, expected = results["state bytes"]
     assert summed == expected
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "stable-spam"])
+def test_sharded_checkpoint_through_torch_distributed_checkpoint_resumes_bitwise(results, name):
+    assert results[f"dcp {name}"] == 0.0
