@@ -108,6 +108,20 @@ def _dcp_resume(name, rank, folder):
     )
 
 
+def _collectives_per_step(name, rank):
+    """Collectives one optimizer step issues on sharded parameters (second step: state exists), by kind."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = _sharded()
+    opt = optim.create(name, model.parameters())
+    for step in range(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(_batch(rank, step)[0]), _batch(rank, step)[1]).backward()
+        with CommDebugMode() as comm:
+            opt.step()
+    return {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
+
+
 def _worker(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -120,6 +134,7 @@ def _worker(rank, store, out):
                 for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
             )
         results["state bytes"] = _state_bytes(rank)
+        results["collectives"] = {name: _collectives_per_step(name, rank) for name in ("adamw", "muon")}
         for name in ("adamw", "muon", "stable-spam"):
             results[f"dcp {name}"] = _dcp_resume(name, rank, os.path.join(os.path.dirname(out), f"dcp-{name}"))
         for name in REFUSES:
@@ -163,3 +178,8 @@ def test_state_bytes_count_this_ranks_shards(results):
 @pytest.mark.parametrize("name", ["adamw", "muon", "stable-spam"])
 def test_sharded_checkpoint_through_torch_distributed_checkpoint_resumes_bitwise(results, name):
     assert results[f"dcp {name}"] == 0.0
+
+
+def test_muon_gathers_each_matrix_once_per_step(results):
+    # 3 Linear weights: one all-gather each (Newton-Schulz on DTensors issued 43 collectives); AdamW needs none.
+    assert results["collectives"] == {"adamw": {}, "muon": {"all_gather_into_tensor": 3}}

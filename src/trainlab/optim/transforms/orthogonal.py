@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainlab.optim.sharding import gather_whole, reshard
 from trainlab.optim.transform import Chain, GradientTransform, Scratch, State
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -128,7 +129,9 @@ class OrthogonalizeNewtonSchulz(GradientTransform):
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
-        mats = _as_matrices(updates, self.name)
+        # FSDP2: one explicit all-gather per matrix, then every rank orthogonalizes whole matrices locally.
+        whole, layouts = gather_whole(updates)
+        mats = _as_matrices(whole, self.name)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, m in enumerate(mats):
             by_shape.setdefault(tuple(m.shape), []).append(i)
@@ -136,7 +139,7 @@ class OrthogonalizeNewtonSchulz(GradientTransform):
         for idx in by_shape.values():
             ortho = newton_schulz(torch.stack([mats[i] for i in idx]), group["ns_steps"], dtype=group["ns_dtype"])
             for i, o in zip(idx, ortho.unbind(0), strict=True):
-                out[i] = o.reshape(updates[i].shape)
+                out[i] = reshard(o.reshape(whole[i].shape), layouts[i])
         return Scratch(out), state
 
 
