@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from trainlab.optim.sharding import dtensor_class
+
 
 def _local(value: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 (DTensor) state tensor, whose own data_ptr is always 0; else the tensor."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(value, DTensor):
-            return value.to_local()
-    return value
+    dtensor = dtensor_class()
+    return value.to_local() if dtensor is not None and isinstance(value, dtensor) else value
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

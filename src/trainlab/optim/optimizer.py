@@ -17,6 +17,7 @@ from torch import Tensor
 
 from trainlab.optim.checks import LR, Check
 from trainlab.optim.routing import Rule
+from trainlab.optim.sharding import dtensor_class
 from trainlab.optim.transform import GradientTransform, is_step_counter
 
 # Group keys that are not hyperparameters: what torch.optim and LR schedulers put in a group.
@@ -26,11 +27,8 @@ _SHELL_KEYS = frozenset({"params", "param_names", "chain", "initial_lr"})
 def _refuse_dtensor(chain: str, transform: GradientTransform, params: list[Tensor]) -> None:
     """Refuse FSDP2's sharded parameters at construction for a chain that cannot handle them (instead of a
     mixed Tensor/DTensor error at the first step)."""
-    if not transform.refuses_dtensor or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in params):
+    dtensor = dtensor_class()
+    if transform.refuses_dtensor and dtensor is not None and any(isinstance(p, dtensor) for p in params):
         raise ValueError(
             f"chain {chain!r} cannot optimize FSDP2 (fully_shard) DTensor parameters ({transform.refuses_dtensor}). "
             "Use it under DDP or on one process, or choose an optimizer that runs under FSDP2 (adamw, lion, sgd, "
