@@ -14,26 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def layer_type(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' (Hugging Face's transposed linear) or 'conv2d'; None for anything else."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return "conv1d"
-    return None
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an (out, in) matrix view (no copy)."""
-    kind = layer_type(module)
-    if kind == "conv1d":
-        return module.weight.t()
-    if kind == "conv2d":
-        return module.weight.flatten(1)
-    return module.weight
+from trainlab.layer_weights import layer_type, weight_matrix  # noqa: F401  (the adapters import them from here)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from trainlab.compress.sparse_formats import (
     encode_sparse,
 )
 from trainlab.compress.storage import dequantized, load, packed_ties, retie, save, shared_aliases, tied_aliases
+from trainlab.layer_weights import to_out_major, to_weight_layout
 
 FORMATS = SPARSE_FORMATS
 SPARSE_TYPES = (BitmaskWeight, CSRWeight, NMWeight)  # pruned only: no quantized layer to run
@@ -35,6 +36,11 @@ SPARSE_TYPES = (BitmaskWeight, CSRWeight, NMWeight)  # pruned only: no quantized
 
 def _weight_key(name: str) -> str:
     return f"{name}.weight" if name else "weight"
+
+
+def _owner(key: str) -> str:
+    """The module name of a state-dict key."""
+    return key.rsplit(".", 1)[0] if "." in key else ""
 
 
 def save_dense(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> int:
@@ -66,12 +72,14 @@ def save_model(
     for name, q in packed.items():
         state.pop(_weight_key(name))
         mask = get_mask(modules[name])
+        mask = None if mask is None else to_out_major(modules[name], mask)
         stored[_weight_key(name)] = q if mask is None else MaskedWeight(q, mask, mask_pattern(modules[name]))
     for name, module in masked_layers(model).items():
         if name not in packed:
             pattern = mask_pattern(module)
             nm = parse_pattern(pattern) if pattern is not None else None
-            stored[_weight_key(name)] = encode_sparse(state.pop(_weight_key(name)), module.sparsity_mask, fmt, nm)
+            weight, mask = (to_out_major(module, t) for t in (state.pop(_weight_key(name)), module.sparsity_mask))
+            stored[_weight_key(name)] = encode_sparse(weight, mask, fmt, nm)
     return save(path, state, stored, metadata, packed_ties(tied_aliases(model), state, stored))
 
 
@@ -87,15 +95,17 @@ def load_model(path: str | Path, make_model: Callable[[], nn.Module], *, runtime
     missing = sorted(set(full) - set(own))
     if missing:
         raise ValueError(f"{path} holds tensors the model from make_model lacks: {missing[:5]}")
+    modules = dict(model.named_modules())
+    for key in packed:  # packed weights are stored output channels first (a Conv1D's transposed)
+        full[key] = to_weight_layout(modules[_owner(key)], full[key])
     model.load_state_dict({k: v.reshape(own[k].shape).to(own[k].dtype) for k, v in full.items()})
     retie(model, shared_aliases(full))
-    modules = dict(model.named_modules())
     done = set()
     for key, obj in packed.items():
         if isinstance(obj, MASKED_FORMATS) and id(obj) not in done:
             done.add(id(obj))
-            module = modules[key.rsplit(".", 1)[0] if "." in key else ""]
-            apply_mask(module, obj.mask.reshape(module.weight.shape), obj.pattern)
+            module = modules[_owner(key)]
+            apply_mask(module, to_weight_layout(module, obj.mask), obj.pattern)
     if runtime is None:
         return model
     from trainlab.compress.quantized_linear import runtime_model

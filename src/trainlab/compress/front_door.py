@@ -26,6 +26,7 @@ from trainlab.compress.plan import Plan, compressible_layers, matching, unsuppor
 from trainlab.compress.prune import check_sparsity
 from trainlab.compress.quant.grids import check_group_size
 from trainlab.compress.registry import Allocation, CompressorSpec, get_allocator, get_compressor, parse_pattern
+from trainlab.layer_weights import to_out_major, to_weight_layout, weight_matrix
 
 Loss = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -195,12 +196,11 @@ def _other_weighted(model: nn.Module) -> dict[str, str]:
 def _prune(module: nn.Module, compressor: str, level: Any) -> str | None:
     """Prune one layer of the copy in place; the reason when it must stay dense."""
     spec = get_compressor(compressor)
-    if spec.kind == "nm":
-        m = parse_pattern(level)[1]
-        if module.weight.shape[1] % m:
-            return f"{compressor} {level}: input size {module.weight.shape[1]} is not a multiple of M={m}"
-    mask = spec.function(module.weight, **{spec.level: level})
-    apply_mask(module, mask, pattern=level if spec.kind == "nm" else None)
+    weight = to_out_major(module, module.weight)  # N:M groups run along the inputs: a Conv1D's first dimension
+    if spec.kind == "nm" and weight.shape[1] % (m := parse_pattern(level)[1]):
+        return f"{compressor} {level}: input size {weight.shape[1]} is not a multiple of M={m}"
+    mask = spec.function(weight, **{spec.level: level})
+    apply_mask(module, to_weight_layout(module, mask), pattern=level if spec.kind == "nm" else None)
     return None
 
 
@@ -314,8 +314,8 @@ def compress(
         if name in gradient_layers:
             kwargs["gradient"] = gradients[name].float()
         weight = module.weight.detach()
-        q = spec.function(weight.reshape(weight.shape[0], -1).float(), **kwargs)
-        value = q.dequantize(torch.float32).reshape(weight.shape).to(weight.dtype)
+        q = spec.function(weight_matrix(module).detach().float(), **kwargs)
+        value = to_weight_layout(module, q.dequantize(torch.float32)).to(weight.dtype)
         mask = get_mask(module)
         if mask is not None:
             moved = int((value[~mask] != 0).sum())

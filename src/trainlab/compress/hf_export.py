@@ -40,6 +40,7 @@ from trainlab.compress.formats import Packed
 from trainlab.compress.masks import get_mask
 from trainlab.compress.quant.grids import QuantizedWeight
 from trainlab.compress.sparse_formats import BitmaskWeight, CSRWeight, MaskedWeight, NMWeight
+from trainlab.layer_weights import is_transposed_linear
 
 NO_EQUIVALENT = {
     "power": "a power-companding grid (NUPES)",
@@ -75,6 +76,12 @@ def _check(model: nn.Module, packed: Mapping[str, Packed]) -> tuple[dict[str, Qu
         module = modules.get(name)
         if module is None:
             raise ValueError(f"packed[{key!r}]: the model has no module {name!r}")
+        if is_transposed_linear(module):
+            raise ValueError(
+                f"packed[{key!r}]: {name!r} is a Hugging Face Conv1D (weight stored (in, out)); this export writes "
+                "compressed-tensors' nn.Linear layout only, so keep trainlab's own format (CompressionResult.save) "
+                "for GPT-2 style models"
+            )
         kind = getattr(q, "kind", type(q).__name__)
         if kind in NO_EQUIVALENT:
             raise ValueError(

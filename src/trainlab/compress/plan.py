@@ -25,13 +25,20 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from trainlab.compress.registry import get_compressor
+from trainlab.layer_weights import is_transposed_linear, to_out_major, to_weight_layout
 
 PRUNING_KINDS = ("mask", "nm")
 
 
 def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv layers by name: the layers plans and allocators act on (embeddings, norms excluded)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)}
+    """Linear, Conv1d/Conv2d and Hugging Face ``Conv1D`` (GPT-2's transposed linear) layers by name: the layers plans
+    and allocators act on (embeddings, norms excluded). Read their weights as ``(out, in)`` matrices through
+    :func:`trainlab.layer_weights.weight_matrix`."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) or is_transposed_linear(m)
+    }
 
 
 # Weight layers no compressor acts on: reported as left dense, refused when a rule names them.
@@ -140,7 +147,8 @@ class Plan:
         for name, rules in resolved.items():
             compressor, level = rules.prune
             spec = get_compressor(compressor)
-            mask = spec.function(layers[name].weight, **{spec.level: level})
+            mask = to_weight_layout(layers[name], spec.function(to_out_major(layers[name], layers[name].weight),
+                                                                **{spec.level: level}))  # fmt: skip
             apply_mask(layers[name], mask, pattern=level if spec.kind == "nm" else None)
         return resolved
 

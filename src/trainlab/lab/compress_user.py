@@ -6,7 +6,6 @@ every layer left dense with the reason. A Hugging Face model is also written as 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -141,7 +140,6 @@ def compress_user_model(job: Any) -> Path:
             from trainlab.compress.embeddings import quantize_embeddings
 
             result = quantize_embeddings(result, job.embedding_bits)
-        result = _name_conv1d(result, dense)
         path = job.out / f"model-{tag}.safetensors"
         if result.plan.structured is not None:
             from trainlab.compress.structured import save_structured
@@ -207,18 +205,6 @@ def _compress(job: Any, dense: nn.Module, batches: list[Any], level: float, quan
     if not result.report.layers:
         raise ValueError(f"--pattern {job.pattern}: no layer's input dimension is divisible by M (all left dense)")
     return result
-
-
-WHY_CONV1D = "Hugging Face Conv1D (GPT-2 style, weight laid out (in, out)) is not compressed yet"
-
-
-def _name_conv1d(result: CompressionResult, model: nn.Module) -> CompressionResult:
-    """The result with GPT-2 style Conv1D layers (which no compressor acts on yet) listed as left dense."""
-    conv1d = {n: WHY_CONV1D for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
-    if not conv1d:
-        return result
-    report = dataclasses.replace(result.report, dense={**result.report.dense, **conv1d})
-    return dataclasses.replace(result, report=report)
 
 
 def user_model_report(records: list[dict[str, Any]]) -> str:

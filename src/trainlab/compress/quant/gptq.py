@@ -35,6 +35,7 @@ from torch import nn
 
 from trainlab.compress.batches import run_batch
 from trainlab.compress.quant.grids import GridParams, QuantizedWeight, UniformGrid, check_weight
+from trainlab.layer_weights import is_transposed_linear, weight_matrix
 from trainlab.runtime import evaluating
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to the diagonal (reference: percdamp=.01)
@@ -143,7 +144,7 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     leading dimension a sample), a convolution's input patches (one row per output position, ``F.unfold`` order).
     The input is padded as the convolution's own forward pads it (its ``padding_mode``: zeros, reflect,
     replicate or circular; numeric or ``"same"`` padding), so border patches hold what the layer really sees."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return x.reshape(-1, x.shape[-1])
     if module.groups != 1:
         raise ValueError(f"{type(module).__name__} needs groups=1 for a calibration Hessian, got {module.groups}")
@@ -161,11 +162,12 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def collect_hessians(
     model: nn.Module, inputs: Sequence[Any], layers: Mapping[str, nn.Module] | None = None
 ) -> dict[str, torch.Tensor]:
-    """``H = 2 X^T X / n`` (float64) of the inputs ``X`` (:func:`layer_input_rows`) reaching each Linear or
-    convolution (all of ``model``'s Linear layers by default, or those in ``layers``) while the model runs on
-    ``inputs`` (batches as :func:`~trainlab.compress.batches.run_batch` takes them), all in one pass."""
+    """``H = 2 X^T X / n`` (float64) of the inputs ``X`` (:func:`layer_input_rows`) reaching each Linear, Hugging
+    Face Conv1D or convolution (all of ``model``'s Linear and Conv1D layers by default, or those in ``layers``)
+    while the model runs on ``inputs`` (batches as :func:`~trainlab.compress.batches.run_batch` takes them), all in
+    one pass."""
     if layers is None:
-        layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_transposed_linear(m)}
     return _hessians(model, inputs, layers)
 
 
@@ -221,11 +223,13 @@ def _hessians(
 ) -> dict[str, torch.Tensor]:
     """``2 X^T X / n`` per layer over ``inputs``; ``stop``: end each pass at the (single) layer's input."""
     for name, module in layers.items():
-        if not isinstance(module, HESSIAN_LAYERS):
-            raise ValueError(f"layers[{name!r}] must be an nn.Linear, Conv1d or Conv2d, got {type(module).__name__}")
-    sums = {
-        name: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64) for name, m in layers.items()
-    }
+        if not (isinstance(module, HESSIAN_LAYERS) or is_transposed_linear(module)):
+            raise ValueError(
+                f"layers[{name!r}] must be an nn.Linear, Conv1d, Conv2d or Hugging Face Conv1D, got "
+                f"{type(module).__name__}"
+            )
+    widths = {name: weight_matrix(m).shape[1] for name, m in layers.items()}
+    sums = {name: torch.zeros(n, n, dtype=torch.float64) for name, n in widths.items()}
     counts = dict.fromkeys(layers, 0)
 
     def make_hook(name: str):
