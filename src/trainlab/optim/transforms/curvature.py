@@ -172,7 +172,9 @@ class PreconditionMKOR(GradientTransform):
                 "parameters; create the optimizer before the forward pass of its first step. MKOR preconditions "
                 "whole layer weights from the layer's inputs and output gradients, so parameters that are not a "
                 "Linear/Conv2d weight (adapter factors: LoRA's A/B, S2FT blocks, ...) have nothing to precondition: "
-                "train those with adamw, muon, galore, mfac or another trainlab optimizer"
+                "train those with adamw, muon, galore, mfac or another trainlab optimizer. A torch.compile'd model "
+                "does not run the global module forward hook MKOR observes layers with: run MKOR on the uncompiled "
+                "model"
             )
         stats = self.observer.layers.get(id(param))
         # Parameters that are not a layer's weight get empty (0 × 0) factors: every state key must exist.
