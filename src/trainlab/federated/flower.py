@@ -10,7 +10,8 @@
   raises replies with an error message; strategies list it in ``failures`` as (round, client, reason), never among
   the participants. Rounds are counted from 0 as in trainlab's driver (Flower's server round minus 1).
 
-Client ``n`` is node ``n + 1`` and its context's ``node_config["partition-id"]`` is ``n``.
+Client ``n`` is the ``n``-th smallest node id (node ``n + 1`` on LocalGrid, whose context's
+``node_config["partition-id"]`` is ``n``); strategies send it as ``client-id`` in each train message's config.
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def client_app(trainer: LocalTrainer) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        client = int(context.node_config["partition-id"])
+        config = message.content["config"]
+        client = int(config["client-id"] if "client-id" in config else context.node_config["partition-id"])
         start, template = to_vector(message.content["arrays"])
-        round = int(message.content["config"]["server-round"]) - 1  # Flower counts rounds from 1, trainlab from 0
+        round = int(config["server-round"]) - 1  # Flower counts rounds from 1, trainlab from 0
         delta = trainer.update(client, round, start.to(trainer.params[0].dtype)).double()
         if not bool(torch.isfinite(delta).all()):
             raise ClientFailure(f"client {client} produced a non-finite update")
@@ -123,23 +125,32 @@ class _Participation:
     failures: list[tuple[int, int, str]]
 
     def _init_participation(self, participation: Tensor | None) -> None:
-        self.participation, self.failures, self.current = participation, [], None
+        self.participation, self.failures, self.current, self.clients = participation, [], None, {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))  # the strategy's own config
-        if self.participation is None:
-            return messages
-        row = self.participation[(server_round - 1) % len(self.participation)].tolist()
-        return [m for m in messages if row[m.metadata.dst_node_id - 1]]
+        # Client n is the n-th smallest node id (node n + 1 on LocalGrid; a SuperLink's ids are random); each
+        # message says which client the node plays, so data and participation follow the client, not the node.
+        self.clients = {node: n for n, node in enumerate(sorted(grid.get_node_ids()))}
+        row = None if self.participation is None else self.participation[(server_round - 1) % len(self.participation)]
+        kept = []
+        for m in messages:
+            client = self.clients[m.metadata.dst_node_id]
+            if row is None or bool(row[client]):
+                content = RecordDict(dict(m.content.items()))
+                content["config"] = ConfigRecord({**m.content["config"], "client-id": client})
+                kept.append(Message(content, m.metadata.dst_node_id, m.metadata.message_type))
+        return kept
 
     def _record_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
         valid = []
         for reply in replies:
             if reply.has_error():
-                self.failures.append((server_round - 1, reply.metadata.src_node_id - 1, reply.error.reason))
+                client = self.clients[reply.metadata.src_node_id]
+                self.failures.append((server_round - 1, client, reply.error.reason))
             else:
                 valid.append(reply)
         return valid
@@ -153,7 +164,7 @@ def with_participation(strategy_cls: type, participation: Tensor | None = None, 
             return super().aggregate_train(server_round, self._record_failures(server_round, list(replies)))
 
     Participating.__name__ = f"{strategy_cls.__name__}WithParticipation"
-    strategy = Participating(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0, **kwargs)
+    strategy = Participating(**{"min_train_nodes": 1, "min_available_nodes": 1, "fraction_evaluate": 0.0, **kwargs})
     strategy._init_participation(participation)
     return strategy
 
@@ -162,7 +173,7 @@ class TrainlabStrategy(_Participation, FedAvg):
     """A Flower strategy whose aggregation is a pure trainlab Aggregator (fedau, fedstale, fedavg, ...)."""
 
     def __init__(self, aggregator: Aggregator, participation: Tensor | None = None, **kwargs: Any) -> None:
-        super().__init__(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0, **kwargs)
+        super().__init__(**{"min_train_nodes": 1, "min_available_nodes": 1, "fraction_evaluate": 0.0, **kwargs})
         self.aggregator = aggregator
         self._init_participation(participation)
 

@@ -10,6 +10,7 @@ validation curves and the per-round participation (``participation.csv`` and a p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
@@ -112,7 +113,18 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).double().mean())
 
 
-def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
+@dataclass
+class Simulation:
+    """What one strategy's run needs: the clients' trainer, the aggregator, who participates, the validation."""
+
+    trainer: LocalTrainer
+    aggregator: federated.Aggregator
+    matrix: torch.Tensor
+    evaluate: Callable[[nn.Module], float]
+
+
+def simulation(job: FederateJob, name: str, hp: dict[str, Any]) -> Simulation:
+    """Strategy ``name``'s simulation of ``job``: the same data split, participation and failures for every name."""
     workload = get_workload(job.workload)
     x, y, x_val, y_val = DATA[job.workload]()
     parts = dirichlet_partition(y, job.clients, job.alpha, job.seed)
@@ -137,41 +149,49 @@ def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
     )
     dim = sum(p.numel() for p in model.parameters())
     aggregator = federated.create(name, num_clients=job.clients, dim=dim, **hp)
-    evaluate = lambda m: _evaluate(m, x_val, y_val)  # noqa: E731
+    return Simulation(trainer, aggregator, matrix, lambda m: _evaluate(m, x_val, y_val))
+
+
+def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
+    sim = simulation(job, name, hp)
     if job.engine == "inprocess":
-        return run_rounds(trainer, aggregator, matrix, evaluate=evaluate, eval_every=job.eval_every)
-    return _run_flower(job, trainer, aggregator, matrix, evaluate)
+        return run_rounds(sim.trainer, sim.aggregator, sim.matrix, evaluate=sim.evaluate, eval_every=job.eval_every)
+    return _run_flower(job, sim)
 
 
-def _run_flower(job, trainer, aggregator, matrix, evaluate) -> FederatedRun:
-    """The same run through Flower's ServerApp strategy loop on the in-process message grid."""
+def _run_flower(job: FederateJob, sim: Simulation) -> FederatedRun:
+    from trainlab.federated.flower import LocalGrid, client_app
+
+    return start_flower(job, sim, LocalGrid(client_app(sim.trainer), job.clients))
+
+
+def start_flower(job: FederateJob, sim: Simulation, grid: Any) -> FederatedRun:
+    """``sim``'s strategy through Flower's ServerApp strategy loop on ``grid`` (the in-process grid, or a
+    SuperLink's in a deployed app); the history is the one ``run_rounds`` writes."""
     import logging
 
     from flwr.app import ArrayRecord, MetricRecord
 
-    from trainlab.federated.flower import LocalGrid, TrainlabStrategy, client_app
+    from trainlab.federated.flower import TrainlabStrategy
 
-    run = FederatedRun(trainer.model)
-    strategy = TrainlabStrategy(aggregator, matrix)
+    run = FederatedRun(copy.deepcopy(sim.trainer.model))
+    strategy = TrainlabStrategy(sim.aggregator, sim.matrix, min_available_nodes=job.clients)
 
     def server_eval(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         if rnd == 0 or (rnd % job.eval_every and rnd != job.rounds):
             return None
         run.model.load_state_dict(arrays.to_torch_state_dict())
-        return MetricRecord({"metric": evaluate(run.model)})
+        return MetricRecord({"metric": sim.evaluate(run.model)})
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     result = strategy.start(
-        LocalGrid(client_app(trainer), job.clients),
-        ArrayRecord(trainer.model.state_dict()),
-        num_rounds=job.rounds,
-        evaluate_fn=server_eval,
+        grid, ArrayRecord(sim.trainer.model.state_dict()), num_rounds=job.rounds, evaluate_fn=server_eval
     )
     failures = {(r, c) for r, c, _ in strategy.failures}
     run.failures = sorted(strategy.failures)  # Flower visits the sampled nodes in random order
     for t in range(job.rounds):
         failed = sorted(c for r, c in failures if r == t)
-        present = [n for n in range(job.clients) if bool(matrix[t, n]) and n not in failed]
+        present = [n for n in range(job.clients) if bool(sim.matrix[t, n]) and n not in failed]
         record: dict[str, Any] = {"round": t, "time": float(t + 1), "participants": present, "failed": failed}
         if (t + 1) in result.evaluate_metrics_serverapp:
             record["metric"] = float(result.evaluate_metrics_serverapp[t + 1]["metric"])
