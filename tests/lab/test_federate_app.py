@@ -138,3 +138,17 @@ def test_exported_app_runs_on_superlink_and_two_supernodes(tmp_path):
     for key, value in _reference().items():
         torch.testing.assert_close(torch.tensor(state[key], dtype=value.dtype), value, rtol=0, atol=0)
     assert elapsed < 90, f"deployment run took {elapsed:.0f} s"
+
+
+def test_cli_export_app_writes_the_app_without_running(tmp_path, capsys):
+    from trainlab.cli import main
+
+    out = tmp_path / "never-written"
+    app_dir = tmp_path / "app"
+    argv = ["federate", "--export-app", str(app_dir), "--clients", "4", "--rounds", "3", "--out", str(out)]
+    assert main([*argv, "--hp", "cutoff=7"]) == 0
+    config, _ = load_and_validate(app_dir / "pyproject.toml", check_module=False)
+    job = job_from_config(config["tool"]["flwr"]["app"]["config"])
+    assert (job.clients, job.rounds, job.hyperparameters) == (4, 3, {"cutoff": 7})
+    assert "4 SuperNodes" in capsys.readouterr().out and not out.exists()
+    assert main(["federate", "--export-app", str(app_dir), "--clients", "1"]) == 2  # checked like a run

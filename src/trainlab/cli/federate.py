@@ -12,11 +12,13 @@ from trainlab.cli.bench import parse_hyperparameters
 def run(args: argparse.Namespace) -> int:
     from trainlab.lab.federate import FederateJob, federate
 
-    if args.engine == "flower":
+    if args.engine == "flower" or args.export_app:
         try:
             import flwr  # noqa: F401
         except ImportError:
-            raise ValueError("--engine flower needs Flower: pip install 'trainlab[federated]'") from None
+            raise ValueError(
+                "--engine flower and --export-app need Flower: pip install 'trainlab[federated]'"
+            ) from None
     job = FederateJob(
         workload=args.workload,
         strategy=args.strategy,
@@ -34,6 +36,16 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         hyperparameters=parse_hyperparameters(args.hp),
     )
+    if args.export_app:
+        from trainlab.lab.federate_app import export_app
+
+        app_dir = export_app(job, Path(args.export_app))
+        print(
+            f"Flower app written to {app_dir}. Run it on a SuperLink with {job.clients} SuperNodes (trainlab "
+            "installed there; start flower-superlink with --disable-runtime-dependency-installation):\n"
+            f"  flwr run {app_dir} <superlink-connection> --stream"
+        )
+        return 0
     out = Path(args.out)
     summary = federate(job, out)
     print((out / "report.md").read_text(), end="")
@@ -77,5 +89,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--hp", action="append", default=[], help="strategy hyperparameter KEY=VALUE (repeatable)")
     p.add_argument("--out", default="federate-out", help="output directory (default federate-out)")
+    p.add_argument(
+        "--export-app",
+        metavar="DIR",
+        help="write the job (strategy only) as a Flower app for SuperLink + SuperNodes instead of running it",
+    )
     p.set_defaults(func=run)
     return p
