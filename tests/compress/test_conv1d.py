@@ -107,3 +107,50 @@ def test_hf_export_refuses_conv1d_by_name(tmp_path):
     result = compress(_gpt2(), Plan([("transformer.h.0.mlp.c_fc", "rtn", 4)]))
     with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc' is a Hugging Face Conv1D"):
         save_pretrained_compressed(result.model, result.weights, tmp_path / "hf")
+
+
+def test_bit_database_of_a_conv1d_is_the_transposed_linear_one():
+    from trainlab.compress.quant.mixed import bit_database
+
+    torch.manual_seed(0)
+    conv, linear = Conv1D(6, 8).double(), nn.Linear(8, 6).double()
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+    db_conv = bit_database(conv, [2, 3], layers={"": conv})[""]
+    db_lin = bit_database(linear, [2, 3], layers={"": linear})[""]
+    for b in (2, 3):
+        assert db_conv[b].shape == conv.weight.shape
+        assert torch.equal(db_conv[b].t(), db_lin[b])
+
+
+def _lm_loss(model, batch):
+    return model(**batch, labels=batch["input_ids"]).loss
+
+
+SHORT = {"evopress": {"generations": 2, "offspring": 3}}
+
+
+@pytest.mark.parametrize(
+    ("allocator", "budget"),
+    [("hawq", {"bits": 3}), ("evopress", {"bits": 3}), ("baq", {"bits": 3}), ("layer-adaptive", {"sparsity": 0.5})],
+)
+def test_calibrated_allocators_plan_every_conv1d(allocator, budget):
+    from trainlab.compress import allocate_plan
+
+    model, batches = _gpt2(), _batches()
+    plan = allocate_plan(allocator, model, calibration=batches, loss=_lm_loss, **budget, **SHORT.get(allocator, {}))
+    planned = {r.pattern for r in plan.rules}
+    assert set(CONV1D) <= planned
+    result = compress(model, plan, calibration=batches, loss=_lm_loss)
+    assert not set(CONV1D) & set(result.report.dense)
+
+
+def test_substituted_weight_on_a_conv1d_is_the_layer_with_that_weight():
+    from trainlab.compress.calibrate import substituted_weight
+
+    torch.manual_seed(0)
+    conv, other = Conv1D(6, 8).double(), Conv1D(6, 8).double()
+    other.bias = conv.bias
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with substituted_weight(conv, other.weight.detach()):
+        assert torch.equal(conv(x), other(x))

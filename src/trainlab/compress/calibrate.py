@@ -18,6 +18,7 @@ from torch import nn
 
 from trainlab.compress.batches import output_of
 from trainlab.compress.plan import compressible_layers
+from trainlab.layer_weights import is_transposed_linear, to_out_major
 from trainlab.runtime import evaluating
 
 
@@ -31,8 +32,8 @@ def substituted_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None
     """Within the block, ``module`` computes its output with ``weight`` (via a forward hook)."""
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if isinstance(mod, nn.Linear):
-            return F.linear(args[0], weight, mod.bias)
+        if isinstance(mod, nn.Linear) or is_transposed_linear(mod):  # ``weight`` in the module's own layout
+            return F.linear(args[0], to_out_major(mod, weight), mod.bias)
         return mod._conv_forward(args[0], weight, mod.bias)
 
     handle = module.register_forward_hook(hook)

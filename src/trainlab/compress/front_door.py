@@ -311,10 +311,11 @@ def compress(
             kwargs["group_size"] = group_size
         if hessian is not None:
             kwargs["hessian"] = hessian
-        if name in gradient_layers:
-            kwargs["gradient"] = gradients[name].float()
+        matrix = weight_matrix(module).detach()
+        if name in gradient_layers:  # given in the weight's layout, like the weight
+            kwargs["gradient"] = to_out_major(module, gradients[name]).reshape(matrix.shape).float()
         weight = module.weight.detach()
-        q = spec.function(weight_matrix(module).detach().float(), **kwargs)
+        q = spec.function(matrix.float(), **kwargs)
         value = to_weight_layout(module, q.dequantize(torch.float32)).to(weight.dtype)
         mask = get_mask(module)
         if mask is not None:

@@ -53,6 +53,7 @@ from trainlab.compress.registry import (
     register_compressor,
 )
 from trainlab.curvature import hutchinson_trace, top_eigenvalues
+from trainlab.layer_weights import is_transposed_linear, to_weight_layout, weight_matrix
 from trainlab.runtime import evaluating
 
 SENSITIVITIES = ("eigenvalue", "trace")
@@ -492,10 +493,6 @@ def evopress_bits(
 # models
 
 
-def _flat(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().reshape(weight.shape[0], -1)
-
-
 def bit_database(
     model: nn.Module,
     choices: Sequence[int],
@@ -510,7 +507,7 @@ def bit_database(
     layers = compressible_layers(model) if layers is None else layers
     db: dict[str, dict[int, torch.Tensor]] = {}
     for name, module in layers.items():
-        w = _flat(module.weight)
+        w = weight_matrix(module).detach()
         db[name] = {}
         for b in _check_choices(choices):
             grid = UniformGrid(b, symmetric, group_size)
@@ -520,7 +517,7 @@ def bit_database(
                 if name not in hessians:
                     raise ValueError(f"hessians lacks layer {name!r} (second-order quantization needs nn.Linear)")
                 q = quantize_gptq(w, hessians[name], grid).dequantize(w.dtype)
-            db[name][b] = q.reshape(module.weight.shape)
+            db[name][b] = to_weight_layout(module, q)
     return db
 
 
@@ -702,16 +699,18 @@ def baq_plan(allocation: Allocation, bits: float, **options: Any) -> Plan:
     if allocation.compressor != "baq":
         raise ValueError(f"allocator 'baq' quantizes with its own per-column grid (compressor 'baq'), not "
                          f"{allocation.compressor!r}")  # fmt: skip
-    convs = [k for k, m in allocation.layers.items() if not isinstance(m, nn.Linear)]
+    convs = [k for k, m in allocation.layers.items() if not (isinstance(m, nn.Linear) or is_transposed_linear(m))]
     if convs:
-        raise ValueError(f"BAQ supports Linear layers only; got conv layers {convs} (exclude them)")
+        raise ValueError(
+            f"BAQ supports Linear and Hugging Face Conv1D layers only; got convolutions {convs} (exclude them)"
+        )
     min_bits, max_bits = options.get("min_bits", 1), options.get("max_bits", MAX_BITS)
     th = options.get("th", BAQ_TH)
     ref = min(max(round(_check_avg_bits(bits, min_bits, max_bits)), min_bits), max_bits)
     hessians = collect_hessians(allocation.model, allocation.calibration, allocation.layers)
     levels = {}
     for name, module in tqdm(allocation.layers.items(), desc="baq", disable=not allocation.progress, leave=False):
-        w = module.weight.detach()
+        w = weight_matrix(module).detach()
         first = gptq(w, hessians[name], ColumnBitsGrid(torch.full((w.shape[1],), ref), allocation.group_size))
         levels[name] = baq_bits(first.column_loss, bits, min_bits, max_bits, th).tolist()
     return Plan.from_levels("baq", levels)
