@@ -19,13 +19,15 @@ from trainlab.compress.front_door import CompressionResult, compress
 from trainlab.compress.plan import Plan, compressible_layers
 from trainlab.compress.quant.gwq import collect_gradients
 from trainlab.compress.registry import get_compressor
+from trainlab.layer_weights import is_transposed_linear, weight_matrix
 
 QuantizedModel = CompressionResult  # what quantize_model returns (and save_quantized_model takes)
 
 
 def flat_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``(out, -1)`` (conv kernels flattened in ``F.unfold``'s column order)."""
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    """The layer's weight as ``(out, -1)`` (conv kernels flattened in ``F.unfold``'s column order, a Hugging Face
+    Conv1D's transposed)."""
+    return weight_matrix(module).detach()
 
 
 def quantize_model(
@@ -82,9 +84,11 @@ def layer_gradients(model: nn.Module, batches: Sequence[Any], loss: Callable[[nn
     """Mean gradient of ``loss(model, batch)`` over ``batches`` for each compressible layer's weight (Linear only,
     :func:`..gwq.collect_gradients`)."""
     layers = compressible_layers(model)
-    convs = [k for k, m in layers.items() if not isinstance(m, nn.Linear)]
+    convs = [k for k, m in layers.items() if not (isinstance(m, nn.Linear) or is_transposed_linear(m))]
     if convs:
-        raise ValueError(f"gradient-aware quantization supports Linear layers only; got conv layers {convs}")
+        raise ValueError(
+            f"gradient-aware quantization supports Linear and Conv1D layers only; got convolutions {convs}"
+        )
     return collect_gradients(model, batches, loss, layers)
 
 
