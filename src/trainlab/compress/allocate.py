@@ -292,7 +292,7 @@ def layer_adaptive_sparsity(allocation: Allocation, sparsity: float) -> Plan:
     levels = {k: sorted({kept_count(n, s) for s in LAYER_ADAPTIVE_GRID}) for k, n in sizes.items()}
     bar = tqdm(total=len(sizes), desc="distortion curves", disable=not allocation.progress, leave=False)
     curves = distortion_curves(
-        allocation.model, allocation.layers, levels, db.weight, allocation.calibration, bar.update
+        allocation.model, allocation.layers, levels, db.weight, allocation.calibration, bar.update, allocation.output_fn
     )
     bar.close()
     kept = layer_adaptive(sizes, {k: (levels[k], curves[k]) for k in sizes}, sparsity)
@@ -319,7 +319,9 @@ def evopress_sparsity(allocation: Allocation, sparsity: float, **options: Any) -
     allocation.require_calibration("evopress")
     weights = _weights(allocation)
     sizes = {k: w.numel() for k, w in weights.items()}
-    fitness = staged_kl_fitness(allocation.model, allocation.calibration, MagnitudeLevels(weights).weight)
+    fitness = staged_kl_fitness(
+        allocation.model, allocation.calibration, MagnitudeLevels(weights).weight, allocation.output_fn
+    )
     bar = tqdm(total=int(options.get("generations", 50)), desc="evopress", disable=not allocation.progress)
     kept = evopress(sizes, sparsity, fitness, progress=bar.update, **options)
     bar.close()

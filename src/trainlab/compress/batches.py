@@ -8,13 +8,14 @@ measurements use is taken: ``logits``, else ``last_hidden_state``, else the firs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 OUTPUT_KEYS = ("logits", "last_hidden_state")
+OutputFn = Callable[[nn.Module, Any], torch.Tensor]  # the user's ``output_fn(model, batch) -> tensor``
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -51,6 +52,12 @@ def output_tensor(output: Any) -> torch.Tensor:
     )
 
 
-def output_of(model: nn.Module, batch: Any) -> torch.Tensor:
-    """:func:`output_tensor` of :func:`run_batch`."""
-    return output_tensor(run_batch(model, batch))
+def output_of(model: nn.Module, batch: Any, output_fn: OutputFn | None = None) -> torch.Tensor:
+    """``output_fn(model, batch)`` when the user gave one (for outputs :func:`output_tensor` cannot read), else
+    :func:`output_tensor` of :func:`run_batch`."""
+    if output_fn is None:
+        return output_tensor(run_batch(model, batch))
+    out = output_fn(model, batch)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"output_fn(model, batch) must return a tensor, got {type(out).__name__}")
+    return out

@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlab.compress.batches import output_of
+from trainlab.compress.batches import OutputFn, output_of
 from trainlab.compress.plan import compressible_layers
 from trainlab.layer_weights import is_transposed_linear, to_out_major
 from trainlab.runtime import evaluating
 
 
-def model_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def model_outputs(
+    model: nn.Module, inputs: Sequence[torch.Tensor], output_fn: OutputFn | None = None
+) -> list[torch.Tensor]:
     with evaluating(model):
-        return [output_of(model, x) for x in inputs]
+        return [output_of(model, x, output_fn) for x in inputs]
 
 
 @contextmanager
@@ -51,15 +53,19 @@ def kl_to_dense(dense: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def staged_kl_fitness(
-    model: nn.Module, calibration: Sequence[torch.Tensor], weight_at: Callable[[str, Any], torch.Tensor]
+    model: nn.Module,
+    calibration: Sequence[torch.Tensor],
+    weight_at: Callable[[str, Any], torch.Tensor],
+    output_fn: OutputFn | None = None,
 ) -> Callable[[Mapping[str, Any], int, int], float]:
     """EvoPress's fitness: the mean KL to ``model``'s outputs of a copy whose layers carry
     ``weight_at(name, level)`` for a child's ``{name: level}``. Stage 0 scores every child on one calibration
     batch (another one each generation), later stages on all of them (fresh data per stage, the same for all
-    children)."""
+    children). ``output_fn``: the user's ``output_fn(model, batch) -> tensor`` (default
+    :func:`~.batches.output_of`)."""
     work = copy.deepcopy(model)
     layers = compressible_layers(work)
-    dense = model_outputs(model, calibration)
+    dense = model_outputs(model, calibration, output_fn)
 
     def fitness(levels: Mapping[str, Any], stage: int, generation: int) -> float:
         with torch.no_grad():
@@ -67,7 +73,9 @@ def staged_kl_fitness(
                 layers[name].weight.copy_(weight_at(name, level))
         picked = [generation % len(calibration)] if stage == 0 else range(len(calibration))
         with evaluating(work):
-            return sum(kl_to_dense(dense[i], output_of(work, calibration[i])).item() for i in picked) / len(picked)
+            return sum(kl_to_dense(dense[i], output_of(work, calibration[i], output_fn)).item() for i in picked) / len(
+                picked
+            )
 
     return fitness
 
@@ -79,10 +87,12 @@ def distortion_curves(
     weight_at: Callable[[str, int], torch.Tensor],
     inputs: Sequence[torch.Tensor],
     progress: Callable[[int], None] | None = None,
+    output_fn: OutputFn | None = None,
 ) -> dict[str, list[float]]:
     """Output distortion E||f(x) - f_l(x)||^2 (mean over outputs) when only layer ``l`` is compressed to
-    each of its ``levels`` (``weight_at(name, level)`` gives the compressed weight); one layer at a time."""
-    dense = model_outputs(model, inputs)
+    each of its ``levels`` (``weight_at(name, level)`` gives the compressed weight); one layer at a time.
+    ``output_fn``: as in :func:`staged_kl_fitness`."""
+    dense = model_outputs(model, inputs, output_fn)
     curves: dict[str, list[float]] = {}
     with evaluating(model):
         for name, module in layers.items():
@@ -90,7 +100,7 @@ def distortion_curves(
             for level in levels[name]:
                 with substituted_weight(module, weight_at(name, level)):
                     pairs = zip(inputs, dense, strict=True)
-                    err = sum(F.mse_loss(output_of(model, x), d, reduction="sum").item() for x, d in pairs)
+                    err = sum(F.mse_loss(output_of(model, x, output_fn), d, reduction="sum").item() for x, d in pairs)
                 curve.append(err / sum(d.numel() for d in dense))
             curves[name] = curve
             if progress is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainlab.compress.batches import model_input, run_batch
+from trainlab.compress.batches import OutputFn, model_input, run_batch
 from trainlab.compress.masks import apply_mask, get_mask
 from trainlab.compress.plan import Plan, compressible_layers, matching, unsupported_layers
 from trainlab.compress.prune import check_sparsity
@@ -388,6 +388,7 @@ def allocate_plan(
     compressor: str | None = None,
     calibration: Sequence[Any] | None = None,
     loss: Loss | None = None,
+    output_fn: OutputFn | None = None,
     exclude: str | Iterable[str] = (),
     second_order: bool = False,
     group_size: int | None = None,
@@ -399,7 +400,14 @@ def allocate_plan(
     ``model`` not matched by ``exclude``, by the registered ``allocator``. ``compressor``: what the plan's rules
     name (default ``magnitude`` for sparsity, ``rtn`` for bits, ``baq`` for per-column allocators);
     ``second_order``: bit allocators measure quantization error with GPTQ instead of round-to-nearest;
-    ``hyperparameters``: the allocator's (see its spec). ``model`` is not modified."""
+    ``hyperparameters``: the allocator's (see its spec); ``loss(model, batch) -> scalar``: what loss-based
+    sensitivities (hawq) differentiate; ``output_fn(model, batch) -> tensor``: the output that output-comparing
+    measurements (KL, distortion) read, for models whose output is not a tensor, ``logits`` or
+    ``last_hidden_state``. ``model`` is not modified."""
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be a callable output_fn(model, batch) -> tensor, got {output_fn!r}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a callable loss(model, batch) -> scalar tensor, got {loss!r}")
     if (sparsity is None) == (bits is None):
         raise ValueError("give exactly one budget: sparsity= (a fraction in [0, 1)) or bits= (average bits)")
     budget, value = ("sparsity", sparsity) if bits is None else ("bits", bits)
@@ -427,5 +435,7 @@ def allocate_plan(
     if not chosen:
         raise ValueError("exclude leaves no layer to allocate over")
     _check_finite(chosen)
-    context = Allocation(model, chosen, compressor, list(calibration or ()), loss, second_order, group_size, progress)
+    context = Allocation(
+        model, chosen, compressor, list(calibration or ()), loss, second_order, group_size, progress, output_fn
+    )
     return spec.function(context, value, **hp)

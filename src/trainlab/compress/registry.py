@@ -130,7 +130,8 @@ class Allocation:
     """What every allocator is given besides its budget: the model (never modified), the layers it allocates
     over (the compressible layers minus the excluded ones), the compressor its plan names, the calibration
     batches, the user's ``loss(model, batch)`` (or None), whether second-order (GPTQ) measurements are wanted,
-    the quantization group size and whether to show progress bars."""
+    the quantization group size, whether to show progress bars, and the user's ``output_fn(model, batch) ->
+    tensor`` (or None: :func:`~.batches.output_of` reads tensors, ``logits``, ``last_hidden_state``)."""
 
     model: Any
     layers: Mapping[str, Any]
@@ -140,6 +141,7 @@ class Allocation:
     second_order: bool = False
     group_size: int | None = None
     progress: bool = False
+    output_fn: Callable[[Any, Any], Any] | None = None  # the tensor calibrated measurements compare
 
     def require_calibration(self, allocator: str) -> None:
         if not self.calibration:

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab.compress import allocate as alloc
-from trainlab.compress.batches import output_of
+from trainlab.compress.batches import OutputFn, output_of
 from trainlab.compress.bits import pack_codes, packed_bytes, unpack_codes
 from trainlab.compress.calibrate import kl_to_dense, model_outputs, staged_kl_fitness
 from trainlab.compress.formats import register_format
@@ -521,13 +521,13 @@ def bit_database(
     return db
 
 
-def kl_loss(model: nn.Module, inputs: Sequence[torch.Tensor]) -> LossOf:
+def kl_loss(model: nn.Module, inputs: Sequence[torch.Tensor], output_fn: OutputFn | None = None) -> LossOf:
     """``m -> mean KL(model(x) || m(x))`` over ``inputs`` (the dense outputs are computed now): at the dense
     weights its gradient is 0 and its Hessian is the (PSD) Fisher/Gauss-Newton matrix of the outputs."""
-    dense = [d.detach() for d in model_outputs(model, inputs)]
+    dense = [d.detach() for d in model_outputs(model, inputs, output_fn)]
 
     def loss(m: nn.Module) -> torch.Tensor:
-        return sum(kl_to_dense(d, output_of(m, x)) for d, x in zip(dense, inputs, strict=True)) / len(inputs)
+        return sum(kl_to_dense(d, output_of(m, x, output_fn)) for d, x in zip(dense, inputs, strict=True)) / len(inputs)
 
     return loss
 
@@ -633,7 +633,9 @@ def hawq_bits(
     _, pert, sizes = _measured(allocation, _check_choices(choices))
     loss_fn = _user_loss(allocation, hessian_batches)
     if loss_fn is None:
-        loss_fn = kl_loss(allocation.model, list(allocation.calibration)[: max(1, hessian_batches)])
+        loss_fn = kl_loss(
+            allocation.model, list(allocation.calibration)[: max(1, hessian_batches)], allocation.output_fn
+        )
     sens = hawq_sensitivities(allocation.model, loss_fn, allocation.layers, sensitivity, seed=seed)
     return Plan.from_levels(allocation.compressor, hawq_allocate(sens, pert, sizes, bits))
 
@@ -669,7 +671,9 @@ def evopress_bits_plan(
     choices = _check_choices(choices)
     db, pert, sizes = _measured(allocation, choices)
     start = None if bits in choices else hawq_allocate(dict.fromkeys(sizes, 1.0), pert, sizes, bits)
-    fitness = staged_kl_fitness(allocation.model, allocation.calibration, lambda name, b: db[name][b])
+    fitness = staged_kl_fitness(
+        allocation.model, allocation.calibration, lambda name, b: db[name][b], allocation.output_fn
+    )
     bar = tqdm(total=generations, desc="evopress bits", disable=not allocation.progress, leave=False)
     picked = evopress_bits(
         sizes, bits, fitness, choices, start, generations=generations, seed=seed, progress=bar.update, **search
