@@ -48,7 +48,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repea
 
 
 def weight_and_hessian() -> tuple[torch.Tensor, torch.Tensor, str]:
-    from trainlab.lab.compression import default_cache_dir
+    from trainlab.lab.cache import default_cache_dir
 
     path = default_cache_dir() / "pylm-seed0-steps500.pt"
     if path.exists():

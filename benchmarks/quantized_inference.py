@@ -116,7 +116,7 @@ def minilm() -> tuple[nn.Module, int]:
 
 
 def pylm_model() -> nn.Module:
-    from trainlab.lab.compression import default_cache_dir
+    from trainlab.lab.cache import default_cache_dir
     from trainlab.lab.workloads.pylm import ByteTransformer
 
     model = ByteTransformer()

@@ -20,7 +20,8 @@ from trainlab.compress.quant.gwq import quantize_gwq
 from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
-from trainlab.lab.compression import calibration_batches, calibration_inputs, default_cache_dir, trained_model
+from trainlab.lab.cache import default_cache_dir
+from trainlab.lab.compression import calibration_batches, calibration_inputs, trained_model
 from trainlab.lab.workloads import get_workload
 
 GPTQ = "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from trainlab.compress import Plan, allocate_plan, compress, compressible_layers
 from trainlab.compress.registry import compressor_names, get_compressor
+from trainlab.lab.cache import default_cache_dir
 from trainlab.lab.compress_report import plot_metric_vs_sparsity, pruning_report, quantization_report, results_json
 from trainlab.lab.compression import (
     calibration_batches,
     calibration_inputs,
-    default_cache_dir,
     recover_perp,
     trained_model,
 )

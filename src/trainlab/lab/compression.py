@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,11 +20,6 @@ from trainlab.lab.workloads.base import Workload
 from trainlab.runtime import atomic_path, batch_generator
 
 CALIBRATION_SEED = 999_983  # far from training seeds, so calibration batches are not training batches
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/trainlab`` (or ``~/.cache/trainlab``): where dense checkpoints are reused from."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainlab"
 
 
 def trained_model(

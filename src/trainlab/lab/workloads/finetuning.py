@@ -36,7 +36,8 @@ SHIFT_PIXELS = 2
 def pretrained_digits_mlp() -> nn.Module:
     """The digits-mlp network trained on unshifted digits (seed 0, 400 steps of the workload's AdamW), reused from
     the trainlab cache directory when it is there."""
-    from trainlab.lab.compression import default_cache_dir, trained_model
+    from trainlab.lab.cache import default_cache_dir
+    from trainlab.lab.compression import trained_model
 
     return trained_model(get_workload("digits-mlp"), seed=0, steps=400, cache_dir=default_cache_dir()).eval()
 
@@ -72,7 +73,8 @@ HELDOUT_BLOCK = 2048
 @functools.cache
 def pretrained_pylm() -> nn.Module:
     """The pylm model trained on the training files (seed 0, its 500 AdamW steps), reused from the cache."""
-    from trainlab.lab.compression import default_cache_dir, trained_model
+    from trainlab.lab.cache import default_cache_dir
+    from trainlab.lab.compression import trained_model
 
     return trained_model(get_workload("pylm"), seed=0, steps=500, cache_dir=default_cache_dir()).eval()
 

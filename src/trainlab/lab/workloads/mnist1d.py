@@ -19,9 +19,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import os
 import random
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,16 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainlab.lab.cache import default_cache_dir
 from trainlab.lab.workloads.base import Workload, register_workload
 from trainlab.lab.workloads.supervised import accuracy_evaluator, cross_entropy_loss, sample_rows
+from trainlab.runtime import atomic_path
 
 SIGNAL_LENGTH = 40
 CLASSES = 10
 _ARRAYS = ("x", "y", "x_test", "y_test")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainlab"
 
 
 def _default_args() -> dict:
@@ -66,15 +62,8 @@ def _generate(args: dict) -> dict[str, np.ndarray]:
 
 
 def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez(f, **arrays)
 
 
 def mnist1d_arrays(cache_dir: Path | None = None) -> dict[str, np.ndarray]:
@@ -83,7 +72,7 @@ def mnist1d_arrays(cache_dir: Path | None = None) -> dict[str, np.ndarray]:
     args = _default_args()
     version = importlib.metadata.version("mnist1d")
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache_dir or _cache_dir()) / f"mnist1d-{version}-{key}.npz"
+    path = (cache_dir or default_cache_dir()) / f"mnist1d-{version}-{key}.npz"
     if path.exists():
         with np.load(path) as cached:
             return {k: cached[k] for k in _ARRAYS}
