@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainlab.layer_weights import is_transposed_linear
+
 
 def sherman_morrison(inverse: Tensor, v: Tensor) -> Tensor:
     """``(P⁻¹ + vvᵀ)⁻¹`` from ``P = inverse``: ``P − (Pv)(vᵀP)/(1 + vᵀPv)`` (mkor/utils/factors.py)."""
@@ -34,10 +36,12 @@ class LayerStatistics:
     # gradients were scaled (GradScaler) unscales ḡ exactly whenever the clamp did not cut the unscaled rows.
     output_grads_unclamped: Tensor | None = None
     output_grads_peak: Tensor | None = None
+    transposed: bool = False  # the weight is stored (in, out): a Hugging Face Conv1D
 
 
 class LayerObserver:
-    """Records ā and ḡ for every ``nn.Linear`` and ``nn.Conv2d`` (groups=1) whose weight is watched.
+    """Records ā and ḡ for every ``nn.Linear``, Hugging Face ``Conv1D`` (GPT-2's linear layer, weight stored
+    ``(in, out)``) and ``nn.Conv2d`` (groups=1) whose weight is watched.
 
     An optimizer sees only parameters (``create("mkor", model.named_parameters())``), not modules, so
     the observer installs one *global* module forward hook (``register_module_forward_hook``) that ignores
@@ -71,7 +75,8 @@ class LayerObserver:
         self._handle.remove()
 
     def _record(self, module: nn.Module, args: tuple, output: object) -> None:
-        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+        transposed = is_transposed_linear(module)
+        if not (isinstance(module, nn.Linear) or transposed or (isinstance(module, nn.Conv2d) and module.groups == 1)):
             return
         if id(module.weight) not in self.watched or not torch.is_grad_enabled():
             return
@@ -79,7 +84,7 @@ class LayerObserver:
             return
         stats = self.layers.get(id(module.weight))
         if stats is None:
-            stats = self.layers[id(module.weight)] = LayerStatistics(bias=module.bias)
+            stats = self.layers[id(module.weight)] = LayerStatistics(bias=module.bias, transposed=transposed)
             if module.bias is not None:
                 self.bias_of[id(module.bias)] = id(module.weight)
         x = args[0].detach()

@@ -10,7 +10,7 @@
   since the fused ``scaled_dot_product_attention`` kernels have no double backward.
 - ``mfac`` keeps a window of ``ngrads`` gradients: its state is ``ngrads`` times the model (1024× by
   default, the paper's setting), which is why it suits small models or pruning, not LLM training.
-- ``mkor`` preconditions nn.Linear and nn.Conv2d layers, which it finds through a global forward hook
+- ``mkor`` preconditions nn.Linear, Hugging Face Conv1D and nn.Conv2d layers, found through a global forward hook
   (an optimizer is given parameters, not modules); everything else (embeddings, norm gains, grouped
   convolutions) gets the declared first-order fallback, the SGD-momentum chain that follows the
   preconditioner. Factors are kept in the parameter's dtype (mkor.py defaults to float16 factors).

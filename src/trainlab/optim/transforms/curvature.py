@@ -143,7 +143,8 @@ class ScaleByMFAC(GradientTransform):
 
 
 class PreconditionMKOR(GradientTransform):
-    """MKOR: ``U = R⁻¹ [∇W | ∇b] L⁻¹``, rescaled to the gradient's norm, on observed Linear/Conv2d layers.
+    """MKOR: ``U = R⁻¹ [∇W | ∇b] L⁻¹``, rescaled to the gradient's norm, on observed Linear/Conv1D/Conv2d layers
+    (∇W as ``(out, in)``: a Hugging Face Conv1D's transposed gradient).
 
     Every ``inv_freq`` steps (and every step of the first ``warmup_steps``) each inverse factor X is
     refreshed with its layer's batch-mean vector v (ā for L⁻¹, ḡ for R⁻¹) by Sherman-Morrison:
@@ -178,7 +179,8 @@ class PreconditionMKOR(GradientTransform):
             )
         stats = self.observer.layers.get(id(param))
         # Parameters that are not a layer's weight get empty (0 × 0) factors: every state key must exist.
-        rows, cols = (param.shape[0], param[0].numel() + (stats.bias is not None)) if stats else (0, 0)
+        matrix = param.t() if stats and stats.transposed else param  # (out, in ...)
+        rows, cols = (matrix.shape[0], matrix[0].numel() + (stats.bias is not None)) if stats else (0, 0)
         return {
             "step": new_step_counter(),
             "left_inv": torch.eye(cols, dtype=param.dtype, device=param.device),
@@ -224,14 +226,15 @@ class PreconditionMKOR(GradientTransform):
             self._refresh(right, output_grads, reset, group)
             too_big = torch.maximum(left.abs().max(), right.abs().max()) > 2
             reset.copy_(~reset.bool() & too_big)
-        dw = weight.grad.reshape(weight.shape[0], -1)
+        dw = weight.grad.t() if stats.transposed else weight.grad.reshape(weight.shape[0], -1)
         db = (bias.grad if bias is not None else dw.new_zeros(dw.shape[0])).reshape(-1, 1)
         pre = right @ torch.cat([dw, db.to(dw.dtype)], 1) @ left if stats.bias is not None else right @ dw @ left
         parts = [pre[:, : dw.shape[1]]] + ([pre[:, -1]] if bias is not None else [])
         grads = [dw] + ([db] if bias is not None else [])
         # Keep the gradient's norm (‖∇W‖ + ‖∇b‖)/(‖U_W‖ + ‖U_b‖); a zero gradient stays zero.
         scale = torch.nan_to_num(sum(torch._foreach_norm(grads)) / sum(torch._foreach_norm(parts)), nan=1.0)
-        self.directions[id(weight)] = (parts[0] * scale).reshape(weight.shape)
+        direction = parts[0] * scale
+        self.directions[id(weight)] = direction.t() if stats.transposed else direction.reshape(weight.shape)
         if bias is not None:
             self.directions[id(bias)] = (parts[1] * scale).reshape(bias.shape)
 
