@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from trainlab.claims.registry import Claim, ClaimResult, all_claims
+from trainlab.runtime import atomic_path
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,8 @@ def verify(
     verdicts = run_claims(selected, progress=progress)
     origin = {k: v for k, v in provenance().items() if k != "schema_version"}
     text = render(verdicts, skipped, origin)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
     return verdicts
 
 

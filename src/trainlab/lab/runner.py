@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trainlab.lab.workloads.base import Batch, Workload
-from trainlab.runtime import batch_generator
+from trainlab.runtime import atomic_path, batch_generator
 
 
 class BatchTrainer(Protocol):
@@ -342,9 +342,8 @@ def _save_checkpoint(
             "samples_to_target": -1 if run.samples_to_target is None else run.samples_to_target,
         },
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a run killed mid-save keeps its previous checkpoint
+    with atomic_path(path) as tmp:  # a run killed mid-save keeps its previous checkpoint
+        torch.save(payload, tmp)
 
 
 def _load_checkpoint(
