@@ -73,7 +73,10 @@ def compression_hook(state: CompressionHookState, bucket: dist.GradBucket) -> to
         step = state.steps.get(key, 0)
         state.steps[key] = step + 1
         seeds.append(round_seed(state.seed, key, step))
-    linear = fb.round_compressor(keys[0]).linear
+    kinds = {fb.round_compressor(key).linear for key in keys}
+    if len(kinds) > 1:  # EF21's dense first round for some keys only: a state_dict that misses parameters
+        raise RuntimeError(f"error-feedback state covers only some of {keys}; load a state_dict with every parameter")
+    linear = kinds.pop()
     payloads = [fb.encode(key, g, seed) for key, g, seed in zip(keys, grads, seeds, strict=True)]
     sizes = [p.numel() for p in payloads]
     flat = torch.cat(payloads)
