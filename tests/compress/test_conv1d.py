@@ -154,3 +154,12 @@ def test_substituted_weight_on_a_conv1d_is_the_layer_with_that_weight():
     x = torch.randn(4, 8, dtype=torch.float64)
     with substituted_weight(conv, other.weight.detach()):
         assert torch.equal(conv(x), other(x))
+
+
+def test_sequential_gptq_measures_each_conv1d_on_its_own_inputs():
+    model, batches = _gpt2(), _batches()
+    result = compress(model, Plan([(".*", "rtn", 4)]), calibration=batches, second_order=True, sequential=True)
+    assert set(CONV1D) <= set(result.hessians)
+    for name in CONV1D:
+        width = model.get_submodule(name).weight.shape[0]  # the Conv1D's inputs
+        assert result.hessians[name].shape == (width, width)
