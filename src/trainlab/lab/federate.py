@@ -38,7 +38,7 @@ DATA: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
     "mnist1d-mlp": mnist1d_data,
 }
 PARTICIPATION = ("hetero", "uniform", "markov", "cyclic")
-ENGINES = ("inprocess", "flower")
+ENGINES = ("inprocess", "flower", "ray")
 
 
 @dataclass
@@ -156,6 +156,8 @@ def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
     sim = simulation(job, name, hp)
     if job.engine == "inprocess":
         return run_rounds(sim.trainer, sim.aggregator, sim.matrix, evaluate=sim.evaluate, eval_every=job.eval_every)
+    if job.engine == "ray":
+        return _run_ray(job, sim)
     return _run_flower(job, sim)
 
 
@@ -163,6 +165,27 @@ def _run_flower(job: FederateJob, sim: Simulation) -> FederatedRun:
     from trainlab.federated.flower import LocalGrid, client_app
 
     return start_flower(job, sim, LocalGrid(client_app(sim.trainer), job.clients))
+
+
+def _run_ray(job: FederateJob, sim: Simulation) -> FederatedRun:
+    """The same run on Flower's Ray simulation engine (clients in Ray actors, one CPU each)."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from trainlab.federated.flower import client_app
+
+    runs: list[FederatedRun] = []
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Any, context: Any) -> None:
+        runs.append(start_flower(job, sim, grid))
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}}
+    run_simulation(server, client_app(sim.trainer), job.clients, backend_config=backend)
+    if not runs:
+        raise RuntimeError("Flower's Ray simulation ended without finishing the run (see Flower's log above)")
+    return runs[0]
 
 
 def start_flower(job: FederateJob, sim: Simulation, grid: Any) -> FederatedRun:
