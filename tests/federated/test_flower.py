@@ -73,3 +73,21 @@ def test_flower_baselines_run_with_the_same_participation(baseline):
     if baseline is FedAvg:  # two local steps from 0 give c (1 - 0.7^2) per client, averaged over clients 0-5
         x1 = CENTRES[:6].mean(0) * (1 - 0.7**2)
         torch.testing.assert_close(x, x1 + (CENTRES[:6].mean(0) - x1) * (1 - 0.7**2))
+
+
+def test_fedprox_clients_add_the_proximal_gradient():
+    """Flower's FedProx sends proximal-mu; each local SGD step is x <- x - lr ((x - c) + mu (x - x_global))."""
+    from flwr.serverapp.strategy import FedProx
+
+    part = torch.zeros(1, N, dtype=torch.bool)
+    part[0, :4] = True
+    strategy = with_participation(FedProx, part, proximal_mu=0.5)
+    x = _start(strategy, _trainer(), 1).arrays.to_torch_state_dict()["x"]
+    expected = []
+    for c in CENTRES[:4]:
+        w = torch.zeros(3, dtype=F64)
+        for _ in range(2):
+            w = w - 0.3 * ((w - c) + 0.5 * w)
+        expected.append(w)
+    torch.testing.assert_close(x, torch.stack(expected).mean(0), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(x, CENTRES[:4].mean(0) * (1 - 0.7**2))  # mu = 0 would give this

@@ -12,12 +12,13 @@ from trainlab.cli.bench import parse_hyperparameters
 def run(args: argparse.Namespace) -> int:
     from trainlab.lab.federate import FederateJob, federate
 
-    if args.engine == "flower" or args.export_app:
+    flower_names = any(name.startswith("flwr-") for name in (args.strategy, args.baseline))
+    if args.engine == "flower" or args.export_app or flower_names:
         try:
             import flwr  # noqa: F401
         except ImportError:
             raise ValueError(
-                "--engine flower and --export-app need Flower: pip install 'trainlab[federated]'"
+                "--engine flower, --export-app and flwr-* strategies need Flower: pip install 'trainlab[federated]'"
             ) from None
     if args.engine == "ray":
         try:
@@ -63,10 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from trainlab import federated
-    from trainlab.lab.federate import DATA, ENGINES, PARTICIPATION
+    from trainlab.lab.federate import DATA, ENGINES, PARTICIPATION, strategy_choices
 
-    server = federated.strategy_names("server")
+    server = strategy_choices()
     p = subparsers.add_parser("federate", help="simulate federated training: a strategy against a baseline")
     p.add_argument(
         "--workload", default="digits-mlp", choices=sorted(DATA), help="dataset and model (default digits-mlp)"

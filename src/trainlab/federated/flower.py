@@ -107,7 +107,8 @@ def client_app(trainer: LocalTrainer) -> ClientApp:
         client = int(config["client-id"] if "client-id" in config else context.node_config["partition-id"])
         start, template = to_vector(message.content["arrays"])
         round = int(config["server-round"]) - 1  # Flower counts rounds from 1, trainlab from 0
-        delta = trainer.update(client, round, start.to(trainer.params[0].dtype)).double()
+        mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by Flower's FedProx
+        delta = trainer.update(client, round, start.to(trainer.params[0].dtype), mu).double()
         if not bool(torch.isfinite(delta).all()):
             raise ClientFailure(f"client {client} produced a non-finite update")
         metrics = MetricRecord({"num-examples": 1, "client-id": client})

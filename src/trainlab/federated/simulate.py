@@ -59,17 +59,23 @@ class LocalTrainer:
         self.params = list(self.work.parameters())
         self.opt = optim.create(self.optimizer, self.params, **self.optimizer_args)
 
-    def update(self, client: int, round: int, start: Tensor) -> Tensor:
-        """``trained - start`` for ``client`` in ``round``; raises ClientFailure when the client drops out."""
+    def update(self, client: int, round: int, start: Tensor, proximal_mu: float = 0.0) -> Tensor:
+        """``trained - start`` for ``client`` in ``round``; raises ClientFailure when the client drops out.
+        ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 ||w - start||^2`` to the loss (its gradient
+        ``mu (w - start)`` is added to the parameters' gradients)."""
         _load(self.params, start)  # a copy, never an alias: the optimizer writes the parameters in place
         self.opt.state.clear()  # every client starts its local round with fresh optimizer state
         opt = self.opt
+        anchor = [t.view_as(p) for t, p in zip(start.split([p.numel() for p in self.params]), self.params, strict=True)]
         self.work.train()
         for step in range(self.local_steps):
             if self.fail is not None and step == self.local_steps // 2 and self.fail(client, round):
                 raise ClientFailure(f"client {client} dropped out at local step {step}")
             opt.zero_grad(set_to_none=True)
             self.loss(self.work, self.client_batch(client, round, step)).backward()
+            if proximal_mu:
+                grads = [p.grad for p in self.params]
+                torch._foreach_add_(grads, torch._foreach_sub(self.params, anchor), alpha=proximal_mu)
             opt.step()
         return parameters_to_vector(self.params).detach() - start
 

@@ -39,6 +39,21 @@ DATA: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
 }
 PARTICIPATION = ("hetero", "uniform", "markov", "cyclic")
 ENGINES = ("inprocess", "flower", "ray")
+# Flower's own strategies by name, as --strategy or --baseline: (class in flwr.serverapp.strategy, keyword defaults).
+# They run in Flower's strategy loop (on the in-process grid under --engine inprocess), with the same participation.
+FLOWER_STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "flwr-fedmedian": ("FedMedian", {}),
+    "flwr-fedtrimmedavg": ("FedTrimmedAvg", {}),  # beta = 0.2 (Flower's default)
+    "flwr-krum": ("Krum", {}),  # num_malicious_nodes = 0 (Flower's default)
+    # Flower's default mu = 0 is FedAvg; 0.01 is one of the FedProx paper's grid {0.001, 0.01, 0.1, 1}.
+    "flwr-fedprox": ("FedProx", {"proximal_mu": 0.01}),
+    "flwr-fedadam": ("FedAdam", {}),  # eta = eta_l = 0.1, tau = 1e-3 (Flower's defaults)
+}
+
+
+def strategy_choices() -> list[str]:
+    """What --strategy / --baseline accept: trainlab's synchronous server methods, then Flower's by name."""
+    return [*federated.strategy_names("server"), *FLOWER_STRATEGIES]
 
 
 @dataclass
@@ -65,8 +80,8 @@ class FederateJob:
                 f"--workload must be one of {sorted(DATA)} (a partitionable dataset), got {self.workload!r}"
             )
         for name in (self.strategy, self.baseline):
-            if federated.get_spec(name).kind != "server":
-                kinds = ", ".join(federated.strategy_names("server"))
+            if name not in strategy_choices():
+                kinds = ", ".join(strategy_choices())
                 raise ValueError(f"--strategy/--baseline must be a synchronous server method ({kinds}), got {name!r}")
         if self.participation not in PARTICIPATION:
             raise ValueError(f"--participation must be one of {PARTICIPATION}, got {self.participation!r}")
@@ -118,9 +133,11 @@ class Simulation:
     """What one strategy's run needs: the clients' trainer, the aggregator, who participates, the validation."""
 
     trainer: LocalTrainer
-    aggregator: federated.Aggregator
+    aggregator: federated.Aggregator | None  # None for one of FLOWER_STRATEGIES
     matrix: torch.Tensor
     evaluate: Callable[[nn.Module], float]
+    name: str
+    hyperparameters: dict[str, Any]
 
 
 def simulation(job: FederateJob, name: str, hp: dict[str, Any]) -> Simulation:
@@ -148,13 +165,13 @@ def simulation(job: FederateJob, name: str, hp: dict[str, Any]) -> Simulation:
         _failures(job.failure_rate, job.seed),
     )
     dim = sum(p.numel() for p in model.parameters())
-    aggregator = federated.create(name, num_clients=job.clients, dim=dim, **hp)
-    return Simulation(trainer, aggregator, matrix, lambda m: _evaluate(m, x_val, y_val))
+    aggregator = None if name in FLOWER_STRATEGIES else federated.create(name, num_clients=job.clients, dim=dim, **hp)
+    return Simulation(trainer, aggregator, matrix, lambda m: _evaluate(m, x_val, y_val), name, hp)
 
 
 def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
     sim = simulation(job, name, hp)
-    if job.engine == "inprocess":
+    if job.engine == "inprocess" and sim.aggregator is not None:
         return run_rounds(sim.trainer, sim.aggregator, sim.matrix, evaluate=sim.evaluate, eval_every=job.eval_every)
     if job.engine == "ray":
         return _run_ray(job, sim)
@@ -195,10 +212,17 @@ def start_flower(job: FederateJob, sim: Simulation, grid: Any) -> FederatedRun:
 
     from flwr.app import ArrayRecord, MetricRecord
 
-    from trainlab.federated.flower import TrainlabStrategy
+    from trainlab.federated.flower import TrainlabStrategy, with_participation
 
     run = FederatedRun(copy.deepcopy(sim.trainer.model))
-    strategy = TrainlabStrategy(sim.aggregator, sim.matrix, min_available_nodes=job.clients)
+    if sim.aggregator is None:
+        from flwr.serverapp import strategy as flower_strategies
+
+        cls, defaults = FLOWER_STRATEGIES[sim.name]
+        kwargs = {**defaults, **sim.hyperparameters, "min_available_nodes": job.clients}
+        strategy = with_participation(getattr(flower_strategies, cls), sim.matrix, **kwargs)
+    else:
+        strategy = TrainlabStrategy(sim.aggregator, sim.matrix, min_available_nodes=job.clients)
 
     def server_eval(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         if rnd == 0 or (rnd % job.eval_every and rnd != job.rounds):
