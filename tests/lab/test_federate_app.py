@@ -68,6 +68,32 @@ def _alive(proc: subprocess.Popen) -> bool:
     return True
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process (Linux /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while being read
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    """Every live process below ``roots`` (Flower detaches the SuperLink's SuperExec into its own session)."""
+    table, found, frontier = _processes(), set(), set(roots)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _live(pids: set[int]) -> set[int]:
+    table = _processes()
+    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
+
+
 def _wait_for(port: int, deadline: float) -> None:
     while time.perf_counter() < deadline:
         with socket.socket() as s:
@@ -124,6 +150,7 @@ def test_exported_app_runs_on_superlink_and_two_supernodes(tmp_path):
             time.sleep(0.2)
         assert result.exists(), (tmp_path / "node0.log").read_text()[-3000:]
     finally:
+        spawned = _descendants([p.pid for p in procs])
         for proc in procs:
             if _alive(proc):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -134,7 +161,11 @@ def test_exported_app_runs_on_superlink_and_two_supernodes(tmp_path):
             if _alive(proc):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    assert not any(_alive(p) for p in procs)  # no SuperLink, SuperNode or app process outlives the test
+        for pid in _live(spawned):  # detached children that outlived their parents
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    # No SuperLink, SuperNode, SuperExec or app process outlives the test.
+    assert not any(_alive(p) for p in procs) and not _live(spawned)
     elapsed = time.perf_counter() - started
     state = json.loads(result.read_text())["state"]
     reference = _reference(job)
