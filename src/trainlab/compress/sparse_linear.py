@@ -4,8 +4,8 @@
 once from the weight's sparsity and size (``.kernel``, with ``.reason``). The rule comes from
 ``benchmarks/sparse_inference.py`` (torch 2.13, CPU, 1 thread, results in ``benchmarks/results/``): with 32 rows
 of x (e.g. a batch of tokens), CSR beats dense from 90% sparsity on every layer of at least 384x128 weights
-(0.38-0.87x the dense time) and loses below 70%; on a 128x128 layer it loses even at 95%. With a single row of x,
-CSR wins only at 95% on the large MiniLM layers (0.83x on 1536x384) and loses elsewhere, so for one-row inference
+(0.43-0.86x the dense time) and loses below 70%; on a 128x128 layer it loses even at 95%. With a single row of x,
+CSR wins only at 95% on the large MiniLM layers (0.85x on 1536x384) and loses elsewhere, so for one-row inference
 pass ``min_sparsity=0.95``. :func:`sparse_runtime_model` swaps every masked ``nn.Linear`` of a model.
 """
 
