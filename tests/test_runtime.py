@@ -1,5 +1,6 @@
 """The ground floor: the eval-mode context restores every submodule's own mode; seeded batch generators."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -21,11 +22,8 @@ def test_evaluating_restores_modes_after_an_exception():
     model = nn.Sequential(nn.Dropout(0.1), nn.Linear(2, 2))
     model.train()
     model[1].eval()
-    try:
-        with evaluating(model):
-            raise RuntimeError("boom")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("boom")
     assert model.training and model[0].training and not model[1].training
 
 
@@ -42,10 +40,7 @@ def test_atomic_path_writes_whole_files_or_nothing(tmp_path):
         tmp.write_text("new")
         assert not target.exists()  # nothing visible until the block succeeds
     assert target.read_text() == "new"
-    try:
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise OSError("disk full")
-    except OSError:
-        pass
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
     assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
