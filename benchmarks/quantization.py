@@ -49,17 +49,14 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repea
 
 def weight_and_hessian() -> tuple[torch.Tensor, torch.Tensor, str]:
     from trainlab.lab.cache import default_cache_dir
+    from trainlab.lab.compression import trained_model
+    from trainlab.lab.workloads import get_workload
 
-    path = default_cache_dir() / "pylm-seed0-steps500.pt"
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        fc = [state[f"blocks.{i}.mlp.fc.weight"] for i in (0, 1)]  # (512, 128) each
-        proj = [state[f"blocks.{i}.mlp.proj.weight"].T for i in (0, 1)]  # (512, 128) each
-        w = torch.cat([torch.cat(fc, 0), torch.cat(proj, 0)], 1)  # (1024, 256)
-        source = "trained pylm MLP weights (cached checkpoint) as one 1024x256 matrix"
-    else:
-        w = torch.randn(1024, 256, generator=torch.Generator().manual_seed(0)) * 0.05
-        source = "Gaussian 1024x256 (no cached pylm checkpoint)"
+    state = trained_model(get_workload("pylm"), seed=0, cache_dir=default_cache_dir()).state_dict()
+    fc = [state[f"blocks.{i}.mlp.fc.weight"] for i in (0, 1)]  # (512, 128) each
+    proj = [state[f"blocks.{i}.mlp.proj.weight"].T for i in (0, 1)]  # (512, 128) each
+    w = torch.cat([torch.cat(fc, 0), torch.cat(proj, 0)], 1)  # (1024, 256)
+    source = "trained pylm MLP weights (cached dense model) as one 1024x256 matrix"
     g = torch.Generator().manual_seed(1)
     mix = torch.randn(256, 256, generator=g) / 256**0.5 + torch.eye(256)
     x = torch.randn(4096, 256, generator=g) @ mix

@@ -117,13 +117,10 @@ def minilm() -> tuple[nn.Module, int]:
 
 def pylm_model() -> nn.Module:
     from trainlab.lab.cache import default_cache_dir
-    from trainlab.lab.workloads.pylm import ByteTransformer
+    from trainlab.lab.compression import trained_model
+    from trainlab.lab.workloads import get_workload
 
-    model = ByteTransformer()
-    path = default_cache_dir() / "pylm-seed0-steps500.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-    return model.eval()
+    return trained_model(get_workload("pylm"), seed=0, cache_dir=default_cache_dir()).eval()
 
 
 def generate(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.Tensor:
