@@ -131,3 +131,14 @@ def test_two_forwards_before_one_backward_and_data_edits():
     model[0].weight.data.fill_(2.0)  # .data bypasses the version counter: caught at the next step
     opt.step()
     assert _pruned_zero(model)
+
+
+def test_a_masked_module_that_lost_its_weight_does_not_break_other_optimizers():
+    stale = nn.Linear(4, 4)
+    apply_mask(stale, torch.ones(4, 4, dtype=torch.bool))
+    stale(torch.randn(1, 4))  # the hook is live
+    del stale.weight  # e.g. the module was converted to another storage
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()  # the step hooks must skip the stale module

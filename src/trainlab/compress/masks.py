@@ -77,7 +77,8 @@ def _hook_of(module: nn.Module) -> _MaskHook | None:
 
 def _masked_hooks(optimizer: torch.optim.Optimizer) -> list[_MaskHook]:
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return [h for h in list(_LIVE) if id(h.module.weight) in ids and _hook_of(h.module) is h]
+    # getattr: a live hook's module may have lost its weight since (converted to a runtime layer, parametrized)
+    return [h for h in list(_LIVE) if id(getattr(h.module, "weight", None)) in ids and _hook_of(h.module) is h]
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
