@@ -13,7 +13,7 @@ from torch import nn
 
 from trainlab.distributed.compressors import Compressor, CountSketch, Identity, ScaledSign, TopK
 from trainlab.distributed.feedback import FEEDBACK
-from trainlab.localtrain.registry import Between, Range
+from trainlab.ranges import Between, Range, check_hyperparameters
 
 __all__ = [
     "CommSpec",
@@ -128,27 +128,12 @@ def comm_specs() -> list[CommSpec]:
     return [*_COMPRESSORS.values(), *_FEEDBACK.values(), *_CODING.values()]
 
 
-def _checked(spec: CommSpec, hp: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(hp) - set(spec.defaults)
-    if unknown:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()) or "none"
-        raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {spec.name!r}; allowed: {allowed}")
-    out = {**spec.defaults, **hp}
-    for key, value in out.items():
-        allowed = spec.ranges[key]
-        ok = allowed.admits(value) if isinstance(allowed, Between) else value in allowed
-        if not ok:
-            shown = allowed if isinstance(allowed, Between) else f"one of {list(allowed)}"
-            raise ValueError(f"{spec.name}: {key} must be {shown}, got {value!r}")
-    return out
-
-
 def create_compressor(name: str, **hyperparameters: Any) -> Compressor:
     """Compressor ``name`` (identity, topk, sign, count-sketch) with its defaults overridden."""
     if name not in _COMPRESSORS:
         raise ValueError(f"unknown compressor {name!r}; choose one of: {', '.join(_COMPRESSORS)}")
     spec = _COMPRESSORS[name]
-    return spec.factory(**_checked(spec, hyperparameters))
+    return spec.factory(**check_hyperparameters(spec, hyperparameters))
 
 
 def register_compression_hook(
@@ -176,7 +161,7 @@ def register_compression_hook(
         compressor = create_compressor(compressor, **hyperparameters)
     elif hyperparameters:
         raise ValueError(f"hyperparameters {sorted(hyperparameters)} apply only to a compressor given by name")
-    _checked(_FEEDBACK[feedback], {"init": init} if "init" in _FEEDBACK[feedback].defaults else {})
+    check_hyperparameters(_FEEDBACK[feedback], {"init": init} if "init" in _FEEDBACK[feedback].defaults else {})
     state = CompressionHookState(
         ddp_model, compressor, feedback, smoothness=smoothness, init=init, seed=seed, process_group=process_group
     )

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from trainlab.federated.aggregator import Aggregator
-from trainlab.federated.registry import Between, register_strategy
+from trainlab.federated.registry import register_strategy
+from trainlab.ranges import Between
 
 SCHEMES = ("sync", "async", "fedfix")
 

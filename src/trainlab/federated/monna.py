@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainlab.federated.registry import Between, register_strategy
+from trainlab.federated.registry import register_strategy
+from trainlab.ranges import Between
 
 
 def nearest_neighbour_average(received: Tensor, pivots: Tensor, f: int) -> Tensor:

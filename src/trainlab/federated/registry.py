@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainlab.localtrain.registry import Between, Range
+from trainlab.ranges import Range, check_hyperparameters
 
-__all__ = ["Between", "FederatedSpec", "create", "get_spec", "register_strategy", "strategy_names"]
+__all__ = ["FederatedSpec", "create", "get_spec", "register_strategy", "strategy_names"]
 
 # What a method is: "server" (an Aggregator of one synchronous round's updates), "asynchronous" (an Aggregator
 # of arrivals from clients that trained on older models), "peer-to-peer" (each honest machine aggregates what it
@@ -61,23 +61,6 @@ def get_spec(name: str) -> FederatedSpec:
     if name not in _STRATEGIES:
         raise ValueError(f"unknown federated method {name!r}; choose one of: {', '.join(strategy_names())}")
     return _STRATEGIES[name]
-
-
-def check_hyperparameters(spec: FederatedSpec, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The defaults overridden by ``hyperparameters``; unknown names and out-of-range values raise ValueError."""
-    unknown = set(hyperparameters) - set(spec.defaults)
-    if unknown:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
-        raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {spec.name!r}; allowed: {allowed}")
-    hp = {**spec.defaults, **hyperparameters}
-    for key, value in hp.items():
-        allowed = spec.ranges[key]
-        if isinstance(allowed, Between):
-            if not allowed.admits(value):
-                raise ValueError(f"{spec.name}: {key} must be {allowed}, got {value!r}")
-        elif value not in allowed:
-            raise ValueError(f"{spec.name}: {key} must be one of {list(allowed)}, got {value!r}")
-    return hp
 
 
 def create(

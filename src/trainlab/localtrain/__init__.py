@@ -6,11 +6,10 @@ One front door: ``create(name, model, num_classes=C, **hyperparameters)`` return
 
 from trainlab.localtrain import eggroll, forward_forward, forward_gnn, gbnn, mono_forward, noprop  # noqa: F401  (registration side effect)
 from trainlab.localtrain.core import LocalTrainer, Residual, as_sequential, split_blocks, train_blocks_locally
-from trainlab.localtrain.registry import Between, LocalSpec, create, get_spec, method_names, register_method
+from trainlab.localtrain.registry import LocalSpec, create, get_spec, method_names, register_method
 
 __all__ = [
     "as_sequential",
-    "Between",
     "LocalSpec",
     "LocalTrainer",
     "Residual",

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.localtrain.core import LocalTrainer
-from trainlab.localtrain.registry import Between, register_method
+from trainlab.localtrain.registry import register_method
+from trainlab.ranges import Between
 
 PAPER = "Evolution Strategies at the Hyperscale (EGGROLL, 2025)"
 _SHAPE_EPS = 1e-5

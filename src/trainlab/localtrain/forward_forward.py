@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.localtrain.core import LocalTrainer, split_blocks, train_blocks_locally
-from trainlab.localtrain.registry import Between, register_method
+from trainlab.localtrain.registry import register_method
+from trainlab.ranges import Between
 
 PAPER = "The Forward-Forward Algorithm: Some Preliminary Investigations (Hinton, 2022)"
 _EPS = 1e-8

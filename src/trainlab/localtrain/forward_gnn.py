@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.localtrain.core import LocalTrainer
-from trainlab.localtrain.registry import Between, register_method
+from trainlab.localtrain.registry import register_method
+from trainlab.ranges import Between
 
 PAPER = "Forward Learning of Graph Neural Networks (Park et al., ICLR 2024)"
 _EPS = 1e-8

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.localtrain.core import LocalTrainer
-from trainlab.localtrain.registry import Between, register_method
+from trainlab.localtrain.registry import register_method
+from trainlab.ranges import Between
 
 PAPER = "Sequential Training of Neural Networks with Gradient Boosting (Emami & Martínez-Muñoz, 2023)"
 

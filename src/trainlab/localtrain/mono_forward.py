@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.localtrain.core import LocalTrainer, split_blocks, train_blocks_locally
-from trainlab.localtrain.registry import Between, register_method
+from trainlab.localtrain.registry import register_method
+from trainlab.ranges import Between
 
 PAPER = "Mono-Forward: Backpropagation-Free Algorithm for Efficient Neural Network Training (Gong et al., 2025)"
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.localtrain.core import LocalTrainer, as_sequential
-from trainlab.localtrain.registry import Between, register_method
+from trainlab.localtrain.registry import register_method
+from trainlab.ranges import Between
 
 PAPER = "NoProp: Training Neural Networks without Back-propagation or Forward-propagation (Li, Teh, Pascanu, 2025)"
 _COSINE_OFFSET = 0.008
