@@ -8,6 +8,7 @@ weight (HUT, Bone/Bat) receive it as an argument and say how to recover it from 
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ def in_out(module: nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, ABC):
     """``y = base(x) + delta(x)``: ``base`` is frozen, the delta's tensors are the adapter's state.
 
     Subclasses implement :meth:`delta_weight` (and may override :meth:`delta_output` with a cheaper factored form).
@@ -65,9 +66,9 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     # -- what a method defines ---------------------------------------------------------------------------------
+    @abstractmethod
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW (out x in) given the unmerged base weight matrix ``weight``."""
-        raise NotImplementedError
 
     def restore_weight(self, merged: torch.Tensor) -> torch.Tensor:
         """The unmerged weight from ``merged = W + ΔW(W)``; exact for weight-independent deltas."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +33,21 @@ def round_seed(seed: int, key: str, step: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode()) * 7_919 + step) % (2**63)
 
 
-class Compressor:
+class Compressor(ABC):
     """Base: ``encode``/``decode`` over flat tensors; ``linear`` payloads may be summed before decoding."""
 
     name = "compressor"
     linear = False
     lossless = False
 
-    def encode(self, x: Tensor, seed: int) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def encode(self, x: Tensor, seed: int) -> Tensor: ...
 
-    def decode(self, payload: Tensor, numel: int, dtype: torch.dtype, seed: int) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, payload: Tensor, numel: int, dtype: torch.dtype, seed: int) -> Tensor: ...
 
-    def payload_bytes(self, numel: int, dtype: torch.dtype) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def payload_bytes(self, numel: int, dtype: torch.dtype) -> int: ...
 
     def compress(self, x: Tensor, seed: int = 0) -> Tensor:
         """C(x): what the receivers reconstruct from ``x``'s payload."""

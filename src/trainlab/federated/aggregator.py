@@ -8,6 +8,7 @@ of tensors (participation history, stale updates, ...), so it checkpoints with `
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ class ClientUpdate:
     round: int = 0
 
 
-class Aggregator:
+class Aggregator(ABC):
     """Base of the server aggregators: checks a round's updates and owns the tensor state."""
 
     name = "aggregator"
@@ -60,8 +61,8 @@ class Aggregator:
         self.state["round"] += 1
         return step
 
-    def _aggregate(self, clients: Tensor, deltas: Tensor, weights: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _aggregate(self, clients: Tensor, deltas: Tensor, weights: Tensor) -> Tensor: ...
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self.state.items()}

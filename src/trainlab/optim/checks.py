@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,13 +18,13 @@ import torch
 from torch import Tensor
 
 
-class Check:
+class Check(ABC):
     """A declared range of one hyperparameter."""
 
     allowed: str = "valid"
 
-    def admits(self, value: Any) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def admits(self, value: Any) -> bool: ...
 
     def __call__(self, name: str, value: Any) -> None:
         if not self.admits(value):
