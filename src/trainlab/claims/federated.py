@@ -296,8 +296,12 @@ def curricula_non_iid() -> ClaimResult:
     promise="eliminating the dual variable (one noisy global model per client and iteration) and letting "
     "unscheduled clients keep updating lowers the steady-state error of ADMM over noisy links",
     rule="WLS, 20 clients, d 8, 30 samples each, rho 1, scheduling probability 0.5, 600 iterations, link noise "
-    "sigma 0.01 / 0.05 / 0.2: mean ||z - w*||^2 over the last 200 iterations, dual-free < standard at every sigma",
-    weaker="the dual-free recursion is our exact elimination of u, not the paper's Algorithm 1 (not available)",
+    "sigma 0.01 / 0.05 / 0.2: mean ||z - w*||^2 over the last 200 iterations, dual-free with continued local "
+    "updates (both modifications) < standard at every sigma",
+    weaker="the dual-free recursion is our derivation from the abstract (exact elimination of u); the paper's "
+    "Algorithm 1 was not found",
+    known_failing="measured 2026-12-07: with both modifications MSD 1.4e-4 / 3.4e-3 / 5.5e-2 vs standard 7.8e-5 / "
+    "2.0e-3 / 3.1e-2; the dual elimination alone passes (6.1e-5 / 1.5e-3 / 2.5e-2)",
     fast=False,
 )
 def admm_noise_robust() -> ClaimResult:
@@ -311,18 +315,28 @@ def admm_noise_robust() -> ClaimResult:
     A = X.transpose(1, 2) @ (S[..., None] * X)
     b = (X.transpose(1, 2) @ (S * y)[..., None]).squeeze(-1)
     optimum = torch.linalg.solve(A.sum(0), b.sum(0))
-    msd: dict[str, dict[float, float]] = {"standard": {}, "dual-free": {}}
+    variants = {
+        "standard": {"variant": "standard"},
+        "dual-free": {"variant": "dual-free", "continue_local": True},
+        "dual-free, no continued updates": {"variant": "dual-free", "continue_local": False},
+    }
+    msd: dict[str, dict[float, float]] = {name: {} for name in variants}
     for sigma in (0.01, 0.05, 0.2):
-        for variant in msd:
-            admm = NoisyConsensusADMM(A, b, rho=1.0, noise=sigma, variant=variant, seed=1)
+        for name, kwargs in variants.items():
+            admm = NoisyConsensusADMM(A, b, rho=1.0, noise=sigma, seed=1, **kwargs)
             schedule = torch.Generator().manual_seed(2)
             errors = [
                 float(((admm.step(torch.rand(k, generator=schedule) < 0.5) - optimum) ** 2).sum()) for _ in range(600)
             ]
-            msd[variant][sigma] = statistics.fmean(errors[400:])
+            msd[name][sigma] = statistics.fmean(errors[400:])
     passed = all(msd["dual-free"][s] < msd["standard"][s] for s in msd["standard"])
+    proposed = [name for name in variants if name != "standard"]
+    measured = {f"{name} MSD sigma {s}": f"{v:.3g}" for name in proposed for s, v in msd[name].items()}
     return ClaimResult(
-        measured={f"dual-free MSD sigma {s}": f"{v:.3g}" for s, v in msd["dual-free"].items()},
+        measured=measured,
         baseline={f"standard ADMM MSD sigma {s}": f"{v:.3g}" for s, v in msd["standard"].items()},
         passed=passed,
+        note="the dual elimination alone beats standard ADMM at every sigma; the continued local updates of "
+        "unscheduled clients speed up noise-free convergence but raise the noisy floor at rho 1 (at rho 20 both "
+        "variants beat standard: 4.8e-5 and 4.5e-5 vs 7.7e-5 at sigma 0.01, measured while building)",
     )
