@@ -9,6 +9,10 @@ step time and its ratio to backprop's are reported. Memory of one step, measured
 - peak tensor bytes: peak of every tensor the step allocates (PeakTensorMeter: activations, gradients,
   optimizer temporaries, population stacks), on any device.
 
+Energy, measured (trainlab.lab.energy: RAPL package counters, NVML on a GPU) over each method's timed steps,
+per step and per training sample, as "Beyond Backpropagation" reports it; ``n/a: <reason>`` where the machine
+has no counter. The counters are the whole package's: other processes on a shared machine are counted too.
+
 GBNN's step is one boosting stage on the whole training set (its total is 200 stages), so its ratio compares a
 stage with a minibatch step.
 
@@ -27,6 +31,7 @@ from report import publish  # benchmarks/report.py (the script directory is on s
 
 from trainlab.lab import local
 from trainlab.lab.bench import resolve_hyperparameters
+from trainlab.lab.energy import EnergyMeter
 from trainlab.lab.workloads import get_workload
 from trainlab.memory.allocations import PeakTensorMeter
 from trainlab.runtime import batch_generator
@@ -62,20 +67,24 @@ def _bench_workload(name: str, steps: int, rounds: int) -> list[str]:
     runs = {a: _stepper(workload, a) for a in GRID[name]}
     times: dict[str, list[float]] = {a: [] for a in runs}
     counter = {a: 0 for a in runs}
+    joules: dict[str, list] = {a: [] for a in runs}  # (reading, steps, samples) per round
     for _ in range(rounds):
         for a, (_, _, size, step) in runs.items():
             n = 2 if a == "gbnn" else steps  # a stage fits the whole set: a few are enough to time it
-            for _ in range(n):
-                batch = workload.make_batch(size, batch_generator(0, counter[a]))
-                counter[a] += 1
-                t0 = time.perf_counter()
-                step(batch)
-                times[a].append(time.perf_counter() - t0)
+            batches = [workload.make_batch(size, batch_generator(0, counter[a] + i)) for i in range(n)]
+            counter[a] += n
+            with EnergyMeter() as energy:
+                for batch in batches:
+                    t0 = time.perf_counter()
+                    step(batch)
+                    times[a].append(time.perf_counter() - t0)
+            joules[a].append((energy.reading, n, sum(_rows(b) for b in batches)))
     lines = [
         f"### {name}",
         "",
-        "| method | step (ms, median) | vs backprop | activations held (KB) | peak tensor bytes per step (KB) |",
-        "|---|---|---|---|---|",
+        "| method | step (ms, median) | vs backprop | activations held (KB) | peak tensor bytes per step (KB) "
+        "| energy per step (J) | energy per sample (J) |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = statistics.median(times["backprop"])
     for a, (_, _, size, step) in runs.items():
@@ -85,8 +94,29 @@ def _bench_workload(name: str, steps: int, rounds: int) -> list[str]:
         with PeakTensorMeter() as meter:
             step(batch)
         t = statistics.median(times[a])
-        lines.append(f"| {a} | {1e3 * t:.2f} | {t / base:.2f}x | {held / 1024:.1f} | {meter.peak_bytes / 1024:.1f} |")
+        per_step, per_sample = _energy_cells(joules[a])
+        lines.append(
+            f"| {a} | {1e3 * t:.2f} | {t / base:.2f}x | {held / 1024:.1f} | {meter.peak_bytes / 1024:.1f} "
+            f"| {per_step} | {per_sample} |"
+        )
     return lines + [""]
+
+
+def _rows(batch) -> int:
+    """Training samples in a batch: labelled nodes of a graph, rows of an (x, y) pair."""
+    labels = local.split_batch(batch)[1]
+    return int((labels != -100).sum())
+
+
+def _energy_cells(rounds: list) -> tuple[str, str]:
+    """Median over rounds of joules per step and per sample, or ``n/a: <reason>`` from the meter."""
+    measured = [(r.joules, n, s) for r, n, s in rounds if r.joules is not None]
+    if not measured:
+        reason = rounds[0][0].reason
+        return f"n/a: {reason}", f"n/a: {reason}"
+    per_step = statistics.median(j / n for j, n, _ in measured)
+    per_sample = statistics.median(j / s for j, _, s in measured)
+    return f"{per_step:.4g}", f"{per_sample:.4g}"
 
 
 def main() -> None:

@@ -24,6 +24,16 @@ def test_bench_compares_local_methods_with_backprop(tmp_path):
     assert 0 < results["mono-forward"]["activation_peak_bytes"] < results["backprop"]["activation_peak_bytes"]
     assert results["mono-forward"]["optimizer_state_bytes"] > 0  # Adam over the layers and the projections
     assert results["backprop"]["hyperparameters"]["lr"] == 3e-3  # the workload's tuned AdamW
+    for r in results.values():  # measured energy, or None with the reason (these CPU machines have no counter)
+        assert (r["energy_j"] is None) == (r["energy_per_sample_j"] is None)
+        if r["energy_j"] is None:
+            assert "RAPL: " in r["energy_note"]
+        else:
+            assert r["energy_per_sample_j"] == pytest.approx(r["energy_j"] / r["samples"])
+    report = (tmp_path / "report.md").read_text()
+    assert "| energy (J) | energy per sample (J) |" in report
+    if results["backprop"]["energy_j"] is None:
+        assert f"| n/a: {results['backprop']['energy_note']} |" in report
 
 
 def test_bench_rejects_schedules_and_unknown_settings_for_local_methods(tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from trainlab.lab import local
+from trainlab.lab.energy import EnergyMeter
 from trainlab.lab.hyperparameters import resolve_hyperparameters
 from trainlab.lab.memory import peak_rss_bytes, reset_peak_rss
 from trainlab.lab.runner import train
@@ -176,25 +177,26 @@ def _run_one(
 
     checkpoint = out / "checkpoints" / f"{workload.name}--{algorithm}--seed{seed}.pt"
     reset_peak_rss()
-    result = train(
-        workload,
-        local.make_trainer(workload, algorithm, hp, seed),
-        seed=seed,
-        steps=steps,
-        batch_size=local.batch_size(workload, algorithm),
-        make_scheduler=make_scheduler,
-        checkpoint=checkpoint,
-        checkpoint_every=config.checkpoint_every,
-        resume=config.resume,
-        progress=progress,
-        config={
-            "algorithm": algorithm,
-            "hyperparameters": hp,
-            "schedule": config.schedule,
-            "schedule_options": dict(config.schedule_options or {}),
-        },  # fmt: skip
-        on_evaluation=on_evaluation,
-    )
+    with EnergyMeter() as energy:  # the whole run (training, evaluations); package/GPU counters, or n/a
+        result = train(
+            workload,
+            local.make_trainer(workload, algorithm, hp, seed),
+            seed=seed,
+            steps=steps,
+            batch_size=local.batch_size(workload, algorithm),
+            make_scheduler=make_scheduler,
+            checkpoint=checkpoint,
+            checkpoint_every=config.checkpoint_every,
+            resume=config.resume,
+            progress=progress,
+            config={
+                "algorithm": algorithm,
+                "hyperparameters": hp,
+                "schedule": config.schedule,
+                "schedule_options": dict(config.schedule_options or {}),
+            },  # fmt: skip
+            on_evaluation=on_evaluation,
+        )
     if log is not None:
         log.add(workload.name, algorithm, seed, result.train_losses)
     step_times = result.step_times_s
@@ -222,6 +224,9 @@ def _run_one(
         "peak_rss_bytes": peak_rss,
         "optimizer_state_bytes": local.trainer_state_bytes(result.optimizer),
         "activation_peak_bytes": activations,
+        "energy_j": energy.reading.joules,
+        "energy_per_sample_j": energy.reading.per(result.samples),
+        "energy_note": energy.reading.reason,
         "diverged": result.diverged,
         "diverged_at_step": result.diverged_at,
         "curve": [{k: _finite_or_none(v) for k, v in point.items()} for point in result.curve],

@@ -62,8 +62,8 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
             "",
             "| algorithm | seeds | final | best | reached | steps to target | samples to target "
             "| time to target (s) | samples | wall (s) | step (ms) | peak RSS (MB) | optimizer state (KB) "
-            "| activations held (KB) | diverged |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| activations held (KB) | energy (J) | energy per sample (J) | diverged |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (wn, a), runs in sorted(groups.items()):
             if wn != w:
@@ -81,6 +81,7 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
                 f" | {_fmt(_median(runs, 'peak_rss_bytes') / 2**20, 0)}"
                 f" | {_fmt(_median(runs, 'optimizer_state_bytes') / 1024, 1)}"
                 f" | {_fmt(_median(runs, 'activation_peak_bytes') / 1024, 1)}"
+                f" | {_energy_cell(runs, 'energy_j')} | {_energy_cell(runs, 'energy_per_sample_j')}"
                 f" | {sum(r['diverged'] for r in runs)} |"
             )
         diverged = [r for (wn, _), runs in sorted(groups.items()) if wn == w for r in runs if r["diverged"]]
@@ -121,6 +122,15 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict
 def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
     values = [r[key] for r in runs if r.get(key) is not None]  # results.json from before a column existed
     return statistics.median(values) if values else math.nan
+
+
+def _energy_cell(runs: Sequence[dict[str, Any]], key: str) -> str:
+    """Median measured joules (trainlab.lab.energy), or ``n/a: <reason>`` when no seed had a counter."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if values:
+        return f"{statistics.median(values):.4g}"
+    notes = sorted({r["energy_note"] for r in runs if r.get("energy_note")})
+    return "n/a: " + ("; ".join(notes) if notes else "not measured (results from before the energy column)")
 
 
 def _metric_median(runs: Sequence[dict[str, Any]], key: str) -> str:
