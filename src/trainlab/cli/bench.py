@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
     )
+    if args.nproc > 1 or args.nnodes > 1 or args.compressor:
+        return _run_distributed(args, config)
     try:
         results = run_bench(config)
     except KeyboardInterrupt:
@@ -172,5 +174,45 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--config", default=None, metavar="RUN.TOML", help="options from a TOML file (the command line wins)"
     )
+    _distributed_arguments(p)
     p.set_defaults(func=run)
     return p
+
+
+def _distributed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, help="processes per node: train under torch.distributed (DDP)")
+    p.add_argument(
+        "--compressor",
+        action="append",
+        default=[],
+        metavar="NAME[-FEEDBACK][:KEY=VALUE...]",
+        help="with --nproc: gradient communication, repeatable or comma-separated: allreduce (plain DDP, the "
+        "default), identity, topk, sign, count-sketch, each optionally -ef/-ef21/-ef21-w (e.g. topk-ef21:ratio=0.01)",
+    )
+    p.add_argument("--nnodes", type=int, default=1, help="machines (torchrun --nnodes); run the command on each")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank (0 writes the outputs)")
+    p.add_argument("--master-addr", default=None, help="node 0's address (with --nnodes > 1)")
+    p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 (with --nnodes > 1)")
+
+
+def _run_distributed(args: argparse.Namespace, config: Any) -> int:
+    from trainlab.lab.distributed_run import PLAIN, launch_bench
+
+    if args.model is not None or args.data is not None:
+        raise ValueError("--nproc runs registered workloads; register yours in a module and pass --import")
+    results = launch_bench(
+        config,
+        nproc=args.nproc,
+        compressors=args.compressor or [PLAIN],
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        imports=args.imports,
+    )
+    if results is None:
+        print(f"node {args.node_rank}: done (node 0 writes the outputs)")
+        return 0
+    print((Path(args.out) / "report.md").read_text())
+    print(f"{len(results)} runs on {args.nproc * args.nnodes} processes; outputs written to {args.out}")
+    return 0
