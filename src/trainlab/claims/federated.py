@@ -156,50 +156,55 @@ def monna_byzantine() -> ClaimResult:
     "(Fraboni et al., JMLR 2023)",
     promise="with heterogeneous client speeds FedFix converges to the federated optimum where naive asynchronous "
     "FedAvg is biased toward the fast clients, and it gets there sooner than synchronous FedAvg",
-    rule="10 clients, compute times 1.0..0.1 (fast clients hold the optima at one end), 5 local steps, time 60: "
-    "mean error over the last 20 time units: FedFix (interval 0.5) < naive async; at time 10: FedFix < sync",
+    rule="10 clients, compute times 1.0..0.1 (fast clients hold the optima at one end), optimum at distance 8.9 "
+    "from the start, 5 local steps, simulated wall time 60, seeds 0-2: on every seed mean error over the last 20 "
+    "time units FedFix (interval 0.5) < naive async, and at time 10 FedFix < sync",
     fast=False,
 )
 def fedfix_heterogeneous_speeds() -> ClaimResult:
     n, dim, horizon = 10, 5, 60.0
-    problem = QuadraticClients(spread_centres(n, dim, 5.0), noise=0.5)
     times = torch.linspace(1.0, 0.1, n, dtype=F64)
-    runs = {}
-    for label, scheme, agg in (
-        ("fedfix", "fedfix", federated.create("fedfix", num_clients=n, dim=dim, dtype=F64, compute_times=times)),
-        ("async", "async", federated.create("async", num_clients=n, dim=dim, dtype=F64, compute_times=times)),
-        ("sync", "sync", AsyncAggregator(n, dim, F64, torch.full((n,), 1.0 / n), 1.0, "sync")),
-    ):
-        interval = getattr(agg, "interval", 1.0)
-        runs[label] = run_asynchronous(
-            problem.trainer(5, 0.05),
-            agg,
-            times,
-            horizon,
-            scheme=scheme,
-            interval=interval,
-            evaluate=problem.error,
-            eval_every_time=1.0,
-        )
+    # The optimum (the mean of the centres) is 4 per coordinate away from the start (the model starts at 0), so the
+    # runs measure convergence in wall time, as the paper's training from scratch does; a start at the optimum
+    # (this claim's first setup) measured only the noise floors.
+    late: dict[str, list[float]] = {"fedfix": [], "async": [], "sync": []}
+    early: dict[str, list[float]] = {"fedfix": [], "sync": []}
+    for seed in range(3):
+        problem = QuadraticClients(spread_centres(n, dim, 5.0) + 4.0, noise=0.5, seed=seed)
+        for label, scheme, agg in (
+            ("fedfix", "fedfix", federated.create("fedfix", num_clients=n, dim=dim, dtype=F64, compute_times=times)),
+            ("async", "async", federated.create("async", num_clients=n, dim=dim, dtype=F64, compute_times=times)),
+            ("sync", "sync", AsyncAggregator(n, dim, F64, torch.full((n,), 1.0 / n), 1.0, "sync")),
+        ):
+            run = run_asynchronous(
+                problem.trainer(5, 0.05),
+                agg,
+                times,
+                horizon,
+                scheme=scheme,
+                interval=getattr(agg, "interval", 1.0),
+                evaluate=problem.error,
+                eval_every_time=1.0,
+            )
+            evaluated = [(h["time"], h["metric"]) for h in run.history if "metric" in h]
+            late[label].append(statistics.fmean(m for t, m in evaluated if t > horizon - 20))
+            if label in early:
+                early[label].append([m for t, m in evaluated if t <= 10.0][-1])
+    passed = all(late["fedfix"][s] < late["async"][s] and early["fedfix"][s] < early["sync"][s] for s in range(3))
 
-    def late(label: str) -> float:
-        return statistics.fmean(h["metric"] for h in runs[label].history if "metric" in h and h["time"] > horizon - 20)
+    def fmt(values: list[float]) -> str:
+        return " / ".join(f"{v:.3f}" for v in values)
 
-    def at(label: str, time: float) -> float:
-        return [h["metric"] for h in runs[label].history if "metric" in h and h["time"] <= time][-1]
-
-    passed = late("fedfix") < late("async") and at("fedfix", 10.0) < at("sync", 10.0)
     return ClaimResult(
-        measured={"fedfix late error": round(late("fedfix"), 4), "fedfix error at t=10": round(at("fedfix", 10.0), 4)},
+        measured={"fedfix late error (seeds 0-2)": fmt(late["fedfix"]), "fedfix error at t=10": fmt(early["fedfix"])},
         baseline={
-            "async late error": round(late("async"), 4),
-            "sync late error": round(late("sync"), 4),
-            "sync error at t=10": round(at("sync", 10.0), 4),
+            "naive async late error": fmt(late["async"]),
+            "sync late error": fmt(late["sync"]),
+            "sync error at t=10": fmt(early["sync"]),
         },
         passed=passed,
-        note="measured while building: FedFix 0.106 late vs naive async 2.05 (biased toward the fast clients), but "
-        "sync reaches its noise floor within a few rounds here and FedFix's floor is higher (more, staler "
-        "aggregations): at t=10 FedFix 0.168 vs sync 0.060",
+        note="sync's late noise floor is lower than FedFix's (every aggregation averages all clients); FedFix leads "
+        "in wall time until sync catches up (seed 0: 0.18 vs 0.66 at t=10, 0.105 vs 0.084 at t=20)",
     )
 
 
