@@ -14,6 +14,7 @@ from trainlab.distributed.gradient_coding import (
     msgc_load,
     simulate_gc,
     simulate_msgc,
+    simulate_srsgc,
 )
 
 
@@ -83,3 +84,51 @@ def test_fractional_repetition_decodes_the_exact_gradient_sum():
         fractional_repetition_decode(partials, both, s)
     with pytest.raises(ValueError, match="w > b"):
         simulate_msgc(np.ones((4, 10)), 3, 3, 1)
+
+
+def test_srsgc_tolerance_and_load_follow_the_paper():
+    from trainlab.distributed.gradient_coding import srsgc_s
+
+    assert srsgc_s(2, 7, 3) == 1 and srsgc_s(2, 5, 4) == 2 and srsgc_s(3, 7, 5) == 2  # ceil(B lam / (W-1+B))
+    delays = np.ones((8, 10))
+    r = simulate_srsgc(delays, 2, 7, 3)
+    assert r.load == gc_load(8, 1) and r.jobs == 8 and r.received.all() and r.fallback_rounds == 0
+    with pytest.raises(ValueError, match="B \\| \\(W - 1\\)"):
+        simulate_srsgc(delays, 2, 6, 3)
+
+
+def test_srsgc_repeats_missing_tasks_b_rounds_later_stragglers_first():
+    n, b, w, lam = 8, 1, 4, 3  # s = ceil(3/4) = 1
+    delays = np.ones((n, 6))
+    delays[:3, 0] = 5.0  # workers 0-2 straggle in round 0
+    r = simulate_srsgc(delays, b, w, lam)
+    # job 0: 5 results in round 0, workers 0 and 1 redo it in round 1 -> 7 = n - s; worker 2's task stays missing
+    assert r.received[0].tolist() == [True, True, False, True, True, True, True, True]
+    # job 1 misses workers 0 and 1 (busy redoing job 0); worker 0 redoes job 1 in round 2
+    assert r.received[1].tolist() == [True, False, True, True, True, True, True, True]
+    assert r.received[2].tolist() == [False, True, True, True, True, True, True, True]
+    assert r.received[3:].all()
+    assert np.allclose(r.durations, r.load * 1.1) and r.fallback_rounds == 0
+    gc = simulate_gc(delays, 1)  # plain GC at the same load cannot decode round 0: it waits for the stragglers
+    assert gc.fallback_rounds == 1 and gc.durations[0] == pytest.approx(gc.load * 5.0)
+
+
+@pytest.mark.parametrize(("b", "w", "lam"), [(2, 7, 3), (1, 4, 3), (2, 5, 4), (3, 7, 5)])
+def test_srsgc_decodes_every_job_of_worst_case_and_random_bursty_traces_exactly(b, w, lam):
+    from trainlab.distributed.gradient_coding import srsgc_s, worst_case_bursts
+
+    n, s = 12, srsgc_s(b, w, lam)
+    traces = [worst_case_bursts(n, 60, b=b, w=w, lam=lam)] + [
+        bursty_delays(n, 120, b=b, w=w, lam=lam, seed=seed) for seed in range(3)
+    ]
+    g = torch.Generator().manual_seed(0)
+    partials = torch.randn(n // (s + 1), 5, generator=g, dtype=torch.float64).repeat_interleave(s + 1, dim=0)
+    truth = partials[:: s + 1].sum(0)
+    for delays in traces:
+        r = simulate_srsgc(delays, b, w, lam)  # raises if a job misses its deadline
+        for got in r.received:
+            assert torch.equal(fractional_repetition_decode(partials, torch.from_numpy(~got), s), truth)
+    worst = simulate_srsgc(traces[0], b, w, lam)
+    assert worst.fallback_rounds == 0  # the worst-case pattern follows the model
+    assert simulate_gc(traces[0], s).fallback_rounds > 0  # GC at SR-SGC's load waits for the bursts
+    assert worst.load < gc_load(n, lam)

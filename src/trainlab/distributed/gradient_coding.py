@@ -1,5 +1,6 @@
-"""Straggler-tolerant gradient coding, simulated on delay traces: gradient coding (GC) and multiplexed sequential
-gradient coding (M-SGC) from "Sequential Gradient Coding for Straggler Mitigation" (Krishnan et al., ICLR 2023).
+"""Straggler-tolerant gradient coding, simulated on delay traces: gradient coding (GC), selective-repeat sequential
+gradient coding (SR-SGC) and multiplexed sequential gradient coding (M-SGC) from "Sequential Gradient Coding for
+Straggler Mitigation" (Krishnan et al., ICLR 2023).
 
 A master runs rounds; in each, worker i takes ``load * delays[i, round]`` (compute proportional to its normalized
 load). The master waits until ``(1 + mu)`` times the fastest worker; slower workers are stragglers. When a round's
@@ -12,6 +13,13 @@ coded across workers), tolerates (B, W, lambda)-bursty stragglers and finishes j
 (lambda+1)(W-1+B) / (n (B + (W-1)(lambda+1))). The scheduling and decoding rules follow the authors' simulator
 (mamaj/Sequential-Gradient-Coding); two of its slips are not copied: GC there decodes only with fewer than s
 stragglers (it tolerates s), and M-SGC's model check indexes negative rounds early on (wrapping to the end).
+
+SR-SGC runs an (n, s) GC code with s = ceil(B lambda / (W - 1 + B)) < lambda, at GC's load (s+1)/n for that s, and
+delay T = B: job t's tasks go out in round t; if v > s of them are missing, v - s of the missing workers redo their
+job-t task in round t+B instead of their current one, and job t decodes from any n - s distinct task results. A
+worker that redoes an old task does not return its current job's task, so it counts as missing for that job too
+(the authors' simulator counts only stragglers there, and its decodability check can then fail); stragglers of
+round t are picked to redo first, since a burst of at most B rounds has ended by round t+B.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ __all__ = [
     "msgc_load",
     "simulate_gc",
     "simulate_msgc",
+    "simulate_srsgc",
+    "srsgc_s",
+    "worst_case_bursts",
 ]
 
 _STRAGGLED = -1
@@ -42,6 +53,8 @@ class SimulationResult:
     jobs: int
     decodable: bool
     fallback_rounds: int  # rounds that broke the straggler model: the master waited for every worker
+    # SR-SGC: (jobs, n) whether worker i's task of job t reached the master (in round t or t+B)
+    received: np.ndarray | None = None
 
     @property
     def runtime(self) -> float:
@@ -54,6 +67,11 @@ def gc_load(n: int, s: int) -> float:
 
 def msgc_load(n: int, b: int, w: int, lam: int) -> float:
     return (lam + 1) * (w - 1 + b) / (n * (b + (w - 1) * (lam + 1)))
+
+
+def srsgc_s(b: int, w: int, lam: int) -> int:
+    """The stragglers per round SR-SGC's GC code tolerates: ceil(B lambda / (W - 1 + B))."""
+    return -(-b * lam // (w - 1 + b))
 
 
 def _check(n: int, **ints: int) -> None:
@@ -90,6 +108,19 @@ def bursty_delays(
         else:
             r += 1
     return np.where(slow, delays * slowdown, delays)
+
+
+def worst_case_bursts(n: int, rounds: int, *, b: int, w: int, lam: int, slowdown: float = 5.0) -> np.ndarray:
+    """(n, rounds) delays: 1, and ``slowdown`` for ``lam`` workers at once in bursts of ``b`` rounds every
+    W - 1 + B rounds (the worker set rotates): the most stragglers a (B, W, lambda)-bursty model allows in a round,
+    as often as it allows them."""
+    _check(n, b=b, w=w, lam=lam)
+    delays = np.ones((n, rounds))
+    period = w - 1 + b
+    for k, start in enumerate(range(0, rounds, period)):
+        workers = (np.arange(lam) + k * lam) % n
+        delays[np.ix_(workers, np.arange(start, min(start + b, rounds)))] = slowdown
+    return delays
 
 
 def simulate_gc(delays: np.ndarray, s: int, mu: float = 0.1) -> SimulationResult:
@@ -156,6 +187,49 @@ def simulate_msgc(delays: np.ndarray, b: int, w: int, lam: int, mu: float = 0.1)
         if job >= 0 and not _msgc_decodable(_diagonal(state, job, minitasks), d1, b, n, lam):
             raise RuntimeError(f"M-SGC: job {job} is not decodable at round {r}")
     return SimulationResult(load, durations, jobs, True, fallbacks)
+
+
+def simulate_srsgc(delays: np.ndarray, b: int, w: int, lam: int, mu: float = 0.1) -> SimulationResult:
+    """SR-SGC for (b, w, lam)-bursty stragglers over ``delays`` (workers, rounds): an (n, s) GC code with
+    s = ``srsgc_s(b, w, lam)`` plus selective repeats B rounds later. Jobs are rounds - B; raises RuntimeError when
+    a job cannot be decoded by its deadline (round t + B)."""
+    n, rounds = delays.shape
+    _check(n, b=b, w=w, lam=lam)
+    if not (w > b and lam < n and (w - 1) % b == 0):
+        raise ValueError(f"SR-SGC needs w > b, B | (W - 1) and lam < n, got b={b}, w={w}, lam={lam}, n={n}")
+    s = srsgc_s(b, w, lam)
+    jobs = rounds - b
+    if jobs < 1:
+        raise ValueError(f"delays must cover more than B={b} rounds, got {rounds}")
+    load = gc_load(n, s)
+    straggler, wait = _stragglers(delays, mu)
+    history = np.zeros((n, rounds), dtype=np.int64)  # -1 where straggling was applied (the model's history)
+    straggled = np.zeros((n, rounds), dtype=bool)
+    received = np.zeros((jobs, n), dtype=bool)
+    durations = np.empty(rounds)
+    fallbacks = 0
+    for r in range(rounds):
+        task = np.full(n, r if r < jobs else -1)  # the job each worker works on this round (-1: none)
+        old = r - b
+        if old >= 0:
+            missing = np.flatnonzero(~received[old])
+            if missing.size > s:
+                order = missing[np.argsort(~straggled[missing, old], kind="stable")]  # round-t stragglers first
+                task[order[: missing.size - s]] = old
+        if _follows_bursty_model(history, r, straggler[:, r], b, w, lam):
+            slow = straggler[:, r]
+            durations[r] = load * wait[r]
+        else:
+            fallbacks += 1
+            slow = np.zeros(n, dtype=bool)
+            durations[r] = load * delays[:, r].max()
+        straggled[:, r] = slow
+        history[:, r] = np.where(slow, _STRAGGLED, 0)
+        for i in np.flatnonzero(~slow & (task >= 0)):
+            received[task[i], i] = True
+        if old >= 0 and received[old].sum() < n - s:
+            raise RuntimeError(f"SR-SGC: job {old} is not decodable at round {r}")
+    return SimulationResult(load, durations, jobs, True, fallbacks, received)
 
 
 def _diagonal(state: np.ndarray, job: int, upto: int) -> np.ndarray:

@@ -112,6 +112,15 @@ _CODING = {
             {"s": Between(0, 1e9, integer=True), "mu": Between(0.0, 1e9)},
         ),
         CommSpec(
+            "sr-sgc",
+            "straggler coding",
+            _SGC_PAPER,
+            "GC with s = ceil(B lambda/(W-1+B)) plus selective repeats of missing tasks B rounds later "
+            "(`gradient_coding.simulate_srsgc`)",
+            {"b": 2, "w": 7, "lam": 3, "mu": 0.1},
+            {k: Between(1, 1e9, integer=True) for k in ("b", "w", "lam")} | {"mu": Between(0.0, 1e9)},
+        ),
+        CommSpec(
             "m-sgc",
             "straggler coding",
             _SGC_PAPER,
