@@ -25,13 +25,20 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainlab.curvature import LayerObserver, hvp_from_gradients, rademacher_like, twice_differentiable
+from trainlab.curvature import hvp_from_gradients, rademacher_like, twice_differentiable
 from trainlab.optim.checks import BETAS, FLAG, LR, NON_NEGATIVE, SEED, Interval, integer_at_least, unit_interval
 from trainlab.optim.optimizer import ChainOptimizer
 from trainlab.optim.registry import checked, ranges_of, register_optimizer
+from trainlab.optim.sharding import is_sharded
 from trainlab.optim.transform import chain
 from trainlab.optim.transforms import add_weight_decay, decoupled_weight_decay, trace_momentum
-from trainlab.optim.transforms.curvature import CurvatureFeed, PreconditionMKOR, ScaleByAdaHessian, ScaleByMFAC
+from trainlab.optim.transforms.curvature import (
+    CurvatureFeed,
+    PreconditionMKOR,
+    ScaleByAdaHessian,
+    ScaleByMFAC,
+    ShardAwareLayerObserver,
+)
 
 ADAHESSIAN_PAPER = "ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning (Yao et al., 2021)"
 MFAC_PAPER = "M-FAC: Efficient Matrix-Free Approximations of Second-Order Information (Frantar et al., 2021)"
@@ -212,7 +219,7 @@ class MKOR(ChainOptimizer):
 
     def __init__(self, params: Any, clipping_value: float, **hp: Any) -> None:
         self.clipping_value = clipping_value
-        self.preconditioner = PreconditionMKOR(LayerObserver(clipping=clipping_value))
+        self.preconditioner = PreconditionMKOR(ShardAwareLayerObserver(clipping=clipping_value))
         self._start_observing()
         chains = chain(self.preconditioner, add_weight_decay(), trace_momentum())
         super().__init__(params, chains, refuse_complex=CURVATURE_IS_REAL, **hp)
@@ -221,7 +228,7 @@ class MKOR(ChainOptimizer):
         """This process's hooks: the observer's global forward hook and a gradient-norm hook per matrix (a
         copy of the optimizer gets its own, on the copied parameters). They go with the optimizer."""
         if self.preconditioner.observer is None:
-            self.preconditioner.observer = LayerObserver(clipping=self.clipping_value)
+            self.preconditioner.observer = ShardAwareLayerObserver(clipping=self.clipping_value)
         self.observer = self.preconditioner.observer
         self._backward_norms: dict[int, Tensor] = {}
         self._hooks: list[RemovableHandle] = []
@@ -239,7 +246,9 @@ class MKOR(ChainOptimizer):
         def record(p: Tensor) -> None:  # ‖∇W‖ as backward leaves it, before any unscaling
             norms[id(p)] = torch.linalg.vector_norm(p.grad)
 
-        self._hooks.extend(p.register_post_accumulate_grad_hook(record) for p in params if p.ndim >= 2)
+        # Not on FSDP2's sharded parameters: they are stepped without a GradScaler (see PreconditionMKOR)
+        watched = [p for p in params if p.ndim >= 2 and not is_sharded(p)]
+        self._hooks.extend(p.register_post_accumulate_grad_hook(record) for p in watched)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -253,6 +262,7 @@ class MKOR(ChainOptimizer):
 
     def _precondition(self) -> None:
         ours = {id(p) for g in self.param_groups for p in g["params"]}
+        layers = []
         for group in self.param_groups:
             chain_ = self.chains[group["chain"]]
             for w in group["params"]:
@@ -261,15 +271,19 @@ class MKOR(ChainOptimizer):
                     continue
                 if not self.state[w]:
                     self.state[w].update(chain_.init(w, group))
-                bias = stats.bias
-                if bias is None or id(bias) not in ours or bias.grad is None:
-                    bias = None
-                backward = self._backward_norms.pop(id(w), None)
-                ratio = None if backward is None else torch.linalg.vector_norm(w.grad) / backward
-                unscale = None if ratio is None else torch.nan_to_num(ratio, nan=1.0, posinf=1.0)
                 prefix = chain_.prefixes[0]
                 own = {k[len(prefix) :]: v for k, v in self.state[w].items() if k.startswith(prefix)}
-                self.preconditioner.precondition(w, bias, own, group, unscale)
+                layers.append((w, stats, own, group))
+        # FSDP2: the ranks' layer statistics averaged in one all-reduce (only on a step that refreshes factors)
+        self.preconditioner.share_statistics([(w, own, group) for w, _, own, group in layers])
+        for w, stats, own, group in layers:
+            bias = stats.bias
+            if bias is None or id(bias) not in ours or bias.grad is None:
+                bias = None
+            backward = self._backward_norms.pop(id(w), None)
+            ratio = None if backward is None else torch.linalg.vector_norm(w.grad) / backward
+            unscale = None if ratio is None else torch.nan_to_num(ratio, nan=1.0, posinf=1.0)
+            self.preconditioner.precondition(w, bias, own, group, unscale)
 
     def __getstate__(self) -> dict[str, Any]:
         # Hooks belong to this process's parameters (the preconditioner drops its observer likewise).

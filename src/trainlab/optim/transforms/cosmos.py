@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainlab.optim.sharding import gather_whole, matrix_shape, reshard
 from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
 from trainlab.optim.transforms.orthogonal import newton_schulz
 from trainlab.optim.transforms.projection import resolve_rank
@@ -44,17 +45,19 @@ def _svd_dtype(g: Tensor) -> Tensor:
 
 class ScaleByCOSMOS(GradientTransform):
     """COSMOS's direction for 2-D (or flattened) matrices; ``rank`` as in GaLore (int or fraction of min(m, n),
-    capped at n)."""
+    capped at n).
+
+    Under FSDP2 each gradient is gathered whole once per step (one all-gather per matrix); every rank computes
+    the same direction with replicated (plain) state and keeps its own slice of it."""
 
     name = "scale_by_cosmos"
     per_parameter = True
-    refuses_dtensor = "its eigenbasis and low-rank state need the whole matrix and are plain tensors"
     hyperparameters = {"rank": 64, "gamma": 0.2, "lr_ratio": 0.1, "betas": (0.9, 0.999), "eps": 1e-8}
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         if param.ndim < 2:
             raise ValueError(f"{self.name} needs parameters with 2+ dimensions, got shape {tuple(param.shape)}")
-        m, n = param.size(0), param[0].numel()
+        m, n = matrix_shape(param)
         r = min(resolve_rank(group["rank"], (m, n)), n)
         kw = {"dtype": param.dtype, "device": param.device}
         return {
@@ -70,7 +73,8 @@ class ScaleByCOSMOS(GradientTransform):
     ) -> tuple[list[Tensor], State]:
         beta1, beta2 = group["betas"]
         steps = step_counts(state)
-        grads = [u.reshape(u.size(0), -1) for u in updates]
+        whole, layouts = gather_whole(updates)  # FSDP2: one explicit all-gather per matrix
+        grads = [u.reshape(u.size(0), -1) for u in whole]
         mom = state["exp_avg"]
         torch._foreach_mul_(mom, beta1)
         torch._foreach_add_(mom, grads)
@@ -102,7 +106,7 @@ class ScaleByCOSMOS(GradientTransform):
                 rest.mul_(size / (torch.linalg.matrix_norm(rest) + _NORM_EPS))
                 d.add_(rest, alpha=group["gamma"])
             d.mul_(group["lr_ratio"] * size / (torch.linalg.matrix_norm(d) + _NORM_EPS))
-            out.append(d.reshape(updates[i].shape))
+            out.append(reshard(d.reshape(whole[i].shape), layouts[i]))
         return out, state
 
 

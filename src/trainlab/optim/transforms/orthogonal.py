@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.sharding import gather_whole, reshard
+from trainlab.optim.sharding import all_reduce_sum, gather_whole, is_sharded, like, local, reshard
 from trainlab.optim.transform import Chain, GradientTransform, Scratch, State
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -217,6 +217,10 @@ class OrthogonalizeGradient(GradientTransform):
 
     Stateless. A zero weight tensor leaves its gradient unchanged; do not zero-initialize the weights
     you want projected.
+
+    Under FSDP2 (DTensor parameters) nothing is gathered: each rank computes the dot products and squared
+    norms of its shards, summed over the ranks in one all-reduce, projects its shards, and sums their squared
+    norms in a second all-reduce: two all-reduces per step for all the tensors of a call.
     """
 
     name = "orthogonalize_gradient"
@@ -225,6 +229,8 @@ class OrthogonalizeGradient(GradientTransform):
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
+        if params and is_sharded(params[0]):
+            return Scratch(_orthogonalize_sharded(updates, params)), state
         # One dot-product kernel per tensor: torch has no foreach reduction to a signed sum.
         dots = [torch.vdot(w.reshape(-1), g.reshape(-1)) for w, g in zip(params, updates, strict=True)]
         w_norms = torch._foreach_norm(params)
@@ -235,6 +241,22 @@ class OrthogonalizeGradient(GradientTransform):
         rescale = torch._foreach_div(torch._foreach_norm(updates), ortho_norms)
         torch._foreach_mul_(ortho, rescale)
         return Scratch(ortho), state
+
+
+def _orthogonalize_sharded(updates: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """⊥Grad on FSDP2 shards: the per-tensor sums (w·g, ‖w‖², ‖g‖², then ‖g⊥‖²) are this rank's partial
+    sums, all-reduced in float64 (one all-reduce for every tensor of the call, twice)."""
+    ws, gs = [local(p) for p in params], [local(u) for u in updates]
+    sums = [torch.vdot(w.reshape(-1), g.reshape(-1)) for w, g in zip(ws, gs, strict=True)]
+    sums += [torch.linalg.vector_norm(t).square() for t in ws + gs]
+    totals = all_reduce_sum(torch.stack([s.double() for s in sums]), params[0])
+    n = len(ws)
+    dots, w_sq, g_sq = totals[:n], totals[n : 2 * n], totals[2 * n :]
+    coefs = (dots / (w_sq + 1e-30)).unbind(0)
+    ortho = [g - c.to(g.dtype) * w for w, g, c in zip(ws, gs, coefs, strict=True)]
+    o_sq = all_reduce_sum(torch.stack([torch.linalg.vector_norm(o).square().double() for o in ortho]), params[0])
+    rescale = (g_sq.sqrt() / (o_sq.sqrt() + 1e-30)).unbind(0)
+    return [like(o.mul_(r.to(o.dtype)), u) for o, r, u in zip(ortho, rescale, updates, strict=True)]
 
 
 def ema_momentum() -> EmaMomentum:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from trainlab.optim.sharding import gather_stacked, gather_whole, is_sharded, layout_of, local, matrix_shape, reshard
 from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
 from trainlab.optim.transforms.adam import ScaleByAdam
 
@@ -154,6 +155,10 @@ class CoordinateProjector(Projector):
         }
         if self.name == "random":
             state["seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
+            if is_sharded(like):  # FSDP2: every rank draws the same coordinates (one broadcast, at init)
+                seed = state["seed"].to(like.device)
+                torch.distributed.broadcast(seed, group=like.device_mesh.get_group(0), group_src=0)
+                state["seed"] = seed.cpu()
         return state
 
     def refresh(self, grads: list[Tensor], state: State, refreshes: list[int]) -> None:
@@ -206,11 +211,14 @@ class ProjectSubspace(GradientTransform):
     ``update_proj_gap``, ``scale`` (multiplies the projected part only), ``reset_statistics``,
     ``inactive_update_rule`` and ``inactive_lr_scale``. The inner transform sees only the low-rank
     updates (it must not read ``params``: they keep the full shape).
+
+    Under FSDP2 (DTensor gradients) each gradient is gathered whole once per step (one all-gather per matrix),
+    every rank computes the same step with whole-matrix state (projector and low-rank moments, replicated:
+    plain tensors), and the direction is sliced back to the gradient's layout without a collective.
     """
 
     name = "project_subspace"
     per_parameter = True  # each matrix's step reads only its own gradient, state and projector
-    refuses_dtensor = "the projector (SVD or coordinates) needs the whole matrix; its state is a plain tensor"
     hyperparameters = {
         "rank": 0.25,
         "update_proj_gap": 200,
@@ -233,7 +241,7 @@ class ProjectSubspace(GradientTransform):
                 f"{self.name} needs parameters with 2+ dimensions, got shape {tuple(param.shape)}; route "
                 "vectors to another chain (trainlab.optim.matrices_to)"
             )
-        shape = tuple(_matrix(param).shape)
+        shape = matrix_shape(param)
         rank = resolve_rank(group["rank"], shape)
         low = torch.empty(_low_rank_shape(shape, rank), dtype=param.dtype, device=param.device)
         inner = {_INNER + k: v for k, v in self.inner.init(low, group).items()}
@@ -245,6 +253,13 @@ class ProjectSubspace(GradientTransform):
         rule = group["inactive_update_rule"]
         if rule not in INACTIVE_RULES:
             raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
+        whole, layouts = gather_whole(updates)  # FSDP2: one explicit all-gather per matrix
+        out = self._update_whole(whole, state, params, group, rule)
+        return [reshard(o, layout) for o, layout in zip(out, layouts, strict=True)], state
+
+    def _update_whole(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any], rule: str
+    ) -> list[Tensor]:
         grads = [_matrix(u) for u in updates]
         gap = group["update_proj_gap"]
         refreshes = [i for i, t in enumerate(step_counts(state)) if (int(t) - 1) % gap == 0]
@@ -268,7 +283,7 @@ class ProjectSubspace(GradientTransform):
             torch._foreach_add_(out, rest, alpha=group["inactive_lr_scale"])
         state.update(own)
         state.update({_INNER + k: v for k, v in inner_state.items()})
-        return [o.reshape(u.shape) for o, u in zip(out, updates, strict=True)], state
+        return [o.reshape(u.shape) for o, u in zip(out, updates, strict=True)]
 
 
 def project_subspace(projection: str, inner: GradientTransform) -> ProjectSubspace:
@@ -290,11 +305,13 @@ class ScaleByWeightNormProjection(GradientTransform):
     the official code drops the ``−∇g v̂`` term. ``∇V`` goes through ``subspace`` (GaLore: projected
     Adam, ``scale``), ``∇g`` through plain ``gain_transform``; decoupled weight decay shrinks V and g. The
     new W is written into the parameter here and the returned direction is zero.
+
+    Under FSDP2 each weight and its gradient are gathered whole in one all-gather per matrix per step; every
+    rank computes the same new W with replicated (plain) state and writes its own shard of it.
     """
 
     name = "weight_norm_projection"
     per_parameter = True
-    refuses_dtensor = "row norms and the projection need the whole matrix; its state is a plain tensor"
     hyperparameters = {"weight_decay": 0.0}
 
     def __init__(self, subspace: ProjectSubspace, gain_transform: GradientTransform) -> None:
@@ -309,7 +326,8 @@ class ScaleByWeightNormProjection(GradientTransform):
         }
 
     def init(self, param: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        gain = torch.linalg.vector_norm(_matrix(param.detach()), dim=1)
+        whole = gather_whole([param.detach()])[0][0]  # FSDP2: the whole weight (one all-gather, once)
+        gain = torch.linalg.vector_norm(_matrix(whole), dim=1)
         if not bool((gain > 0).all()):  # once, when the state is created
             raise ValueError(
                 f"{self.name} needs every row of the weight to be nonzero (W = g * V/|V|_row has no direction "
@@ -326,7 +344,13 @@ class ScaleByWeightNormProjection(GradientTransform):
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
-        weights = [_matrix(p) for p in params]
+        layouts = [layout_of(p) for p in params]
+        if any(layouts):  # FSDP2: W and G of one matrix in one all-gather
+            pairs = [gather_stacked([p.detach(), u]) for p, u in zip(params, updates, strict=True)]
+            whole_params, updates = [w for w, _ in pairs], [g for _, g in pairs]
+        else:
+            whole_params = params
+        weights = [_matrix(p) for p in whole_params]
         gains, v_norms = state["gain"], state["v_norm"]
         directions = [w / g[:, None] for w, g in zip(weights, gains, strict=True)]
         grad_g, grad_v = [], []
@@ -340,11 +364,15 @@ class ScaleByWeightNormProjection(GradientTransform):
         step_v, sub = self.subspace.update(grad_v, sub, params, group)
         step_g, gain_state = self.gain_transform.update(grad_g, gain_state, params, group)
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
-        for p, d, g, c, sv, sg in zip(params, directions, gains, v_norms, step_v, step_g, strict=True):
+        for p, w, layout, d, g, c, sv, sg in zip(
+            params, whole_params, layouts, directions, gains, v_norms, step_v, step_g, strict=True
+        ):
             v = d.mul_(c[:, None] * decay).sub_(lr * sv)
             g.mul_(decay).sub_(lr * sg)
             torch.linalg.vector_norm(v, dim=1, out=c)
-            p.copy_(v.mul_((g / c)[:, None]).view_as(p))  # into p itself: a reshape of a strided p is a copy
+            new = v.mul_((g / c)[:, None]).view_as(w)
+            # into p itself: a reshape of a strided p is a copy; a sharded p gets its own slice (no collective)
+            local(p).copy_(local(reshard(new, layout)) if layout else new)
         state.update({"v." + k: v for k, v in sub.items()})
         state.update({"g." + k: v for k, v in gain_state.items()})
-        return [torch.zeros_like(u) for u in updates], state
+        return [torch.zeros_like(p) for p in params], state
