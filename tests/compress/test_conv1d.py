@@ -34,8 +34,12 @@ def test_conv1d_layers_are_compressible_and_the_tied_head_stays_tied():
     layers = compressible_layers(model)
     assert sorted(n for n, m in layers.items() if isinstance(m, Conv1D)) == sorted(CONV1D)
     assert "lm_head" in layers and "transformer.wte" not in layers
-    result = compress(model, Plan([(".*", "rtn", 4)]))
+    result = compress(model, Plan([(".*", "rtn", 4)]), runtime="float")
     assert result.model.lm_head.weight is result.model.transformer.wte.weight
+    runtime = compress(model, Plan([(".*", "rtn", 4)])).model  # the head on the kernel remembers its tie
+    assert runtime.lm_head.tied == ("transformer.wte.weight",)
+    back = compress(model, Plan([(".*", "rtn", 4)])).float_model()
+    assert back.lm_head.weight is back.transformer.wte.weight
 
 
 @pytest.mark.parametrize("level", [0.5, "2:4"])
@@ -57,7 +61,7 @@ def test_pruning_reaches_every_conv1d_in_its_input_groups(level):
 def test_quantization_touches_every_conv1d_and_round_trips(second_order, tmp_path):
     model = _gpt2()
     batches = _batches()
-    result = compress(model, Plan([(".*", "rtn", 3)]), calibration=batches, second_order=second_order)
+    result = compress(model, Plan([(".*", "rtn", 3)]), calibration=batches, second_order=second_order, runtime=None)
     assert set(CONV1D) <= set(result.weights)
     for name in CONV1D:
         before, after = model.get_submodule(name).weight, result.model.get_submodule(name).weight
@@ -67,7 +71,7 @@ def test_quantization_touches_every_conv1d_and_round_trips(second_order, tmp_pat
             assert col.unique().numel() <= 8
     path = tmp_path / "m.safetensors"
     result.save(path)
-    loaded = load_model(path, _gpt2)
+    loaded = load_model(path, _gpt2, runtime=None)
     for key, value in result.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     ids = batches[0]["input_ids"]
@@ -76,10 +80,10 @@ def test_quantization_touches_every_conv1d_and_round_trips(second_order, tmp_pat
 
 def test_pruned_and_quantized_conv1d_round_trip(tmp_path):
     model = _gpt2()
-    result = compress(model, Plan([(".*", "nm", "2:4"), (".*", "rtn", 4)]))
+    result = compress(model, Plan([(".*", "nm", "2:4"), (".*", "rtn", 4)]), runtime=None)
     path = tmp_path / "m.safetensors"
     result.save(path)
-    loaded = load_model(path, _gpt2)
+    loaded = load_model(path, _gpt2, runtime=None)
     for name in CONV1D:
         assert torch.equal(loaded.get_submodule(name).weight, result.model.get_submodule(name).weight)
         assert torch.equal(get_mask(loaded.get_submodule(name)), get_mask(result.model.get_submodule(name)))

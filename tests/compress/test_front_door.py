@@ -61,15 +61,16 @@ def test_the_callers_model_is_untouched_modes_and_flags_included():
     result = compress(model, plan, calibration=calib, loss=_loss, second_order=True)
     after = _state(model)
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1:] == after[1:]
-    assert _state(result.model)[1:] == before[1:]  # the copy keeps the modes and flags too
-    assert get_mask(model.head) is None and get_mask(result.model.head) is not None
+    assert _state(result.float_model())[1:] == before[1:]  # the copy keeps the modes and flags too
+    assert [m.training for m in result.model.modules()] == [m.training for m in model.modules()]
+    assert get_mask(model.head) is None and get_mask(result.float_model().head) is not None
     assert result.second_order and set(result.hessians) == {"block.fc1", "head"}
 
 
 def test_pruned_then_quantized_layers_stack_deliberately(tmp_path):
     model, calib = Net(), _batches()
     plan = Plan([(".*", "rtn", 8), (".*", "magnitude", 0.6), ("head", "rtn", 3)])  # head: one quantizer, 3 bits
-    result = compress(model, plan, calibration=calib)
+    result = compress(model, plan, calibration=calib, runtime="float")
     head = result.model.head
     assert result.bits["head"] == 3 and result.weights["head"].bits == 3
     assert int((head.weight == 0).sum()) == round(0.6 * head.weight.numel())
@@ -77,9 +78,11 @@ def test_pruned_then_quantized_layers_stack_deliberately(tmp_path):
     assert torch.equal(result.weights["head"].dequantize(torch.float32), head.weight)  # 0 is on the RTN grid
     path = tmp_path / "stacked.safetensors"
     result.save(path)
-    reloaded = load_model(path, Net)
+    reloaded = load_model(path, Net, runtime="float")
     assert torch.equal(get_mask(reloaded.head), get_mask(head)) and torch.equal(reloaded.head.weight, head.weight)
-    again = compress(model, plan, calibration=calib, second_order=True)  # GPTQ moves pruned entries: re-masked
+    again = compress(
+        model, plan, calibration=calib, second_order=True, runtime=None
+    )  # GPTQ moves pruned entries: re-masked
     assert int((again.model.head.weight == 0).sum()) == round(0.6 * head.weight.numel())
     assert "cleared by the mask" in again.report.layers["head"].note
 
@@ -137,7 +140,7 @@ def test_hawq_measures_the_users_loss_when_given_one():
 def test_baq_plan_then_compress_is_baq():
     model, calib = Net(), _batches()
     plan = allocate_plan("baq", model, bits=3, calibration=calib, exclude="embed")
-    result = compress(model, plan, calibration=calib)
+    result = compress(model, plan, calibration=calib, runtime="float")
     hessians = mixed.collect_hessians(model, calib, {"head": model.head})
     ref = mixed.baq_quantize(model.head.weight.detach(), hessians["head"], 3)
     assert torch.equal(result.model.head.weight, ref.weight)

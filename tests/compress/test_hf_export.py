@@ -137,7 +137,7 @@ def test_pruned_then_quantized_layers_keep_their_zeros(tmp_path):
 
     model = _tiny_bert()
     plan = [(r"encoder\..*", "magnitude", 0.5), (".*", "rtn", 4)]
-    result = compress(model, plan, calibration=[{"input_ids": IDS}], second_order=True, group_size=32)
+    result = compress(model, plan, calibration=[{"input_ids": IDS}], second_order=True, group_size=32, runtime=None)
     masked = {n: m for n, m in _linears(result.model).items() if hasattr(m, "sparsity_mask")}
     assert len(masked) == 12
     moved = sum(
@@ -251,7 +251,9 @@ def test_minilm_4bit_round_trips_through_transformers(tmp_path):
     result = compress(model, [(".*", "rtn", 4)], group_size=128)
     assert len(result.weights) == len(_linears(model)) == 37  # 6 layers x 6 Linear + the pooler
     save_quantized_model(result, tmp_path / "own.safetensors")
-    own = load_quantized_model(tmp_path / "own.safetensors", lambda: transformers.AutoModel.from_pretrained(source))
+    own = load_quantized_model(
+        tmp_path / "own.safetensors", lambda: transformers.AutoModel.from_pretrained(source), runtime="float"
+    )
     out = save_pretrained_compressed(model, result.weights, tmp_path / "minilm-4bit", tokenizer=tokenizer)
     back = transformers.AutoModel.from_pretrained(out).eval()
     assert (out / "tokenizer.json").exists()

@@ -72,7 +72,7 @@ def test_fallbacks_name_their_reason_and_are_exact():
 def test_runtime_model_and_load_rebuild_kernel_layers(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
-    result = compress(model, [(r"\d+", "rtn", 4)], group_size=32)
+    result = compress(model, [(r"\d+", "rtn", 4)], group_size=32, runtime="float")
     fast = runtime_model(result.model, result.weights)
     assert isinstance(model[0], nn.Linear)  # the caller's model is untouched
     assert [fast[i].kernel for i in (0, 2)] == ["int4", "int4"]
@@ -92,6 +92,6 @@ def test_pruned_and_quantized_layers_keep_their_zeros_on_the_kernel():
     fast = result.runtime_model()
     assert fast[0].kernel == "int4"
     x = torch.eye(64)  # each output row is one column of the weight: pruned entries must come out exactly 0
-    pruned = result.model[0].weight.detach().T == 0
+    pruned = result.float_model()[0].weight.detach().T == 0
     assert float(pruned.float().mean()) >= 0.5
     assert (fast(x) - fast[0].bias)[pruned].abs().max() == 0

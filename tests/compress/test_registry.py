@@ -162,7 +162,7 @@ def test_a_new_quantizer_is_one_registered_function(monkeypatch):
         return UniformGrid(bits, symmetric=False, group_size=group_size).quantize(weight)
 
     model, calib = _model(), _batches()
-    result = compress(model, [(".*", "asym-rtn", 3.0)], group_size=16)
+    result = compress(model, [(".*", "asym-rtn", 3.0)], group_size=16, runtime="float")
     weight = result.model[2].weight
     assert max(len(torch.unique(g)) for g in weight.reshape(-1, 16)) <= 8 and result.report.mean_bits == 3
     plan = allocate_plan("hawq", model, bits=3.5, calibration=calib, compressor="asym-rtn")

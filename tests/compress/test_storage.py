@@ -130,7 +130,7 @@ def test_dense_export_stores_a_tied_weight_once_and_ties_it_again(tmp_path, tie_
 @pytest.mark.parametrize("tie_on_load", [True, False])
 def test_quantized_export_of_a_tied_model_stores_the_shared_weight_once(tmp_path, tie_on_load):
     model = TiedLM()
-    qm = quantize_model(model, "rtn", 4, group_size=16)
+    qm = quantize_model(model, "rtn", 4, group_size=16, runtime="float")
     assert qm.model.embed.weight is qm.model.lm_head.weight  # the tie survives, now with quantized values
     assert not torch.equal(model.embed.weight, qm.model.embed.weight)  # the caller's model is untouched
     path = tmp_path / "q.safetensors"
@@ -138,7 +138,7 @@ def test_quantized_export_of_a_tied_model_stores_the_shared_weight_once(tmp_path
     packed_bytes = sum(q.nbytes() for q in qm.weights.values())
     dense_rest = _plain_bytes(qm.model, skip={"embed.weight", "hidden.weight"})  # hidden.bias only
     assert size == packed_bytes + dense_rest + header_bytes(path)
-    reloaded = load_quantized_model(path, lambda: TiedLM(tie=tie_on_load))
+    reloaded = load_quantized_model(path, lambda: TiedLM(tie=tie_on_load), runtime="float")
     assert reloaded.lm_head.weight is reloaded.embed.weight
     assert torch.equal(reloaded(IDS), qm.model(IDS))
 
@@ -165,7 +165,7 @@ def test_pruned_and_quantized_layers_keep_their_zeros_and_masks_through_the_file
     model = TiedLM(tie=False)
     calibration = [IDS, IDS.flip(0)]
     plan = [("hidden", "magnitude", 0.5), ("hidden", "rtn", 3), ("lm_head", "nm", "2:4")]
-    result = compress(model, plan, calibration=calibration, second_order=second_order)
+    result = compress(model, plan, calibration=calibration, second_order=second_order, runtime="float")
     path = tmp_path / "pq.safetensors"
     size = save_quantized_model(result, path)
     _, packed = load(path)
@@ -174,7 +174,7 @@ def test_pruned_and_quantized_layers_keep_their_zeros_and_masks_through_the_file
     assert size == hidden.nbytes() + packed["lm_head.weight"].nbytes() + _plain_bytes(
         model, skip={"hidden.weight", "lm_head.weight"}
     ) + header_bytes(path)
-    reloaded = load_quantized_model(path, lambda: TiedLM(tie=False))
+    reloaded = load_quantized_model(path, lambda: TiedLM(tie=False), runtime="float")
     assert torch.equal(get_mask(reloaded.hidden), get_mask(result.model.hidden))
     assert torch.equal(get_mask(reloaded.lm_head), get_mask(result.model.lm_head))
     for (k, a), b in zip(result.model.state_dict().items(), reloaded.state_dict().values(), strict=True):

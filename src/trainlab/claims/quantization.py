@@ -359,7 +359,7 @@ def _mixed_pylm() -> dict:
 
     def run(allocator: str, second_order: bool = False, options: dict | None = None, **kw: object) -> dict:
         plan = allocate_plan(allocator, model, bits=3, calibration=calib, second_order=second_order, **kw)
-        result = compress(model, plan, calibration=calib, second_order=second_order, options=options)
+        result = compress(model, plan, calibration=calib, second_order=second_order, options=options, runtime=None)
         bits = {k: (v if isinstance(v, int) else round(v, 3)) for k, v in result.bits.items()}
         with torch.no_grad():
             kl = calibration_kl(result.model).item()
@@ -525,5 +525,5 @@ def _quantize_hf(model: nn.Module, bits: int, group_size: int | None, calibratio
 
     second = calibration is not None
     return quantize_model(
-        model, "rtn", bits, group_size=group_size, second_order=second, calibration=calibration or ()
+        model, "rtn", bits, group_size=group_size, second_order=second, calibration=calibration or (), runtime=None
     ).model

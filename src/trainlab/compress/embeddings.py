@@ -29,7 +29,7 @@ def quantize_embeddings(result: CompressionResult, bits: int, compressor: str = 
         raise ValueError(f"compressor {compressor!r} must be a quantizer that needs no calibration (e.g. 'rtn')")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer in [2, 8] for embeddings, got {bits!r}")
-    model = copy.deepcopy(result.model)
+    model = copy.deepcopy(result.float_model())  # the tables and the layers' weights, all float
     weights, bit_widths = dict(result.weights), dict(result.bits)
     layers, dense = dict(result.report.layers), dict(result.report.dense)
     taken = {id(dict(model.named_modules())[n].weight) for n in result.weights}
@@ -53,4 +53,9 @@ def quantize_embeddings(result: CompressionResult, bits: int, compressor: str = 
     counts = {n: dict(model.named_modules())[n].weight.numel() for n in bit_widths}
     mean_bits = sum(bit_widths[n] * c for n, c in counts.items()) / sum(counts.values()) if counts else None
     report = CompressionReport(layers, dense, result.report.sparsity, mean_bits)
+    if result.runtime != "float":  # the Linear layers back on the runtime result's kernels
+        from trainlab.compress.front_door import _masked
+        from trainlab.compress.quantized_linear import _swap
+
+        model = _swap(model, _masked(model, result.weights), result.runtime)
     return dataclasses.replace(result, model=model, weights=weights, bits=bit_widths, report=report)

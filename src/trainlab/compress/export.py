@@ -4,7 +4,9 @@
 also pruned, :class:`~.sparse_formats.MaskedWeight`), every other masked layer's weight in the smallest sparse
 encoding (:func:`~.sparse_formats.encode_sparse`: bitmask, CSR, or N:M for layers pruned N:M), every other tensor
 unchanged and tied weights once. :func:`load_model` rebuilds the exact weights, re-arms the masks (with their N:M
-patterns) and restores the ties. :func:`save_compressed` / :func:`load_compressed` are the pruning-only names.
+patterns) and restores the ties; by default its quantized ``nn.Linear`` layers come back as
+:class:`~.quantized_linear.QuantizedLinear` modules on the low-bit kernels (``runtime="float"`` for
+``nn.Linear``). :func:`save_compressed` / :func:`load_compressed` are the pruning-only names.
 """
 
 from __future__ import annotations
@@ -57,12 +59,20 @@ def save_model(
     metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Save ``model`` with the quantized layers' ``packed`` objects (keyed by module name, e.g. a compression
-    result's ``weights``) and its other masked layers encoded sparse; returns the file size in bytes.
-    ``fmt`` (masked layers that are not quantized): ``auto`` (N:M layers as ``nm``, others the smaller of
-    bitmask/CSR), ``bitmask`` or ``csr``."""
+    result's ``weights``) and its other masked layers encoded sparse; returns the file size in bytes. A
+    :class:`~.quantized_linear.QuantizedLinear` layer is written from the packed weight it holds (``packed`` need
+    not name it). ``fmt`` (masked layers that are not quantized): ``auto`` (N:M layers as ``nm``, others the
+    smaller of bitmask/CSR), ``bitmask`` or ``csr``."""
+    from trainlab.compress.quantized_linear import float_model, quantized_layers
+
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     packed = dict(packed or {})
+    runtime = quantized_layers(model)
+    if runtime:  # the float form carries the masks and ties the save path reads; codes from the modules
+        for name, module in runtime.items():
+            packed[name] = module.packed.base if isinstance(module.packed, MaskedWeight) else module.packed
+        model = float_model(model)
     modules = dict(model.named_modules())
     unknown = sorted(set(packed) - set(modules))
     if unknown:
@@ -83,11 +93,15 @@ def save_model(
     return save(path, state, stored, metadata, packed_ties(tied_aliases(model), state, stored))
 
 
-def load_model(path: str | Path, make_model: Callable[[], nn.Module], *, runtime: str | None = None) -> nn.Module:
+def load_model(path: str | Path, make_model: Callable[[], nn.Module], *, runtime: str | None = "auto") -> nn.Module:
     """A fresh ``make_model()`` with the file's weights (packed layers dequantized, conv kernels reshaped back, in
-    the model's dtypes), its masks re-armed and its tied weights tied again. ``runtime`` (a
-    :class:`~.quantized_linear.QuantizedLinear` mode such as ``"auto"``): quantized ``nn.Linear`` layers come back
-    as ``QuantizedLinear`` modules on the low-bit kernels instead (:func:`~.quantized_linear.runtime_model`)."""
+    the model's dtypes), its masks re-armed and its tied weights tied again; its quantized ``nn.Linear`` layers
+    are :class:`~.quantized_linear.QuantizedLinear` modules in mode ``runtime`` (default ``"auto"``: the fastest
+    correct path, see that class). ``runtime="float"`` (or None): they stay ``nn.Linear`` layers holding the
+    dequantized weights."""
+    from trainlab.compress.quantized_linear import _swap, check_runtime
+
+    runtime = check_runtime(runtime)
     state, packed = load(path)
     model = make_model()
     own = model.state_dict()
@@ -106,12 +120,10 @@ def load_model(path: str | Path, make_model: Callable[[], nn.Module], *, runtime
             done.add(id(obj))
             module = modules[_owner(key)]
             apply_mask(module, to_weight_layout(module, obj.mask), obj.pattern)
-    if runtime is None:
+    if runtime == "float":
         return model
-    from trainlab.compress.quantized_linear import runtime_model
-
-    quantized = {k.removesuffix(".weight"): v for k, v in packed.items() if not isinstance(v, SPARSE_TYPES)}
-    return runtime_model(model, {k: v for k, v in quantized.items() if k in modules}, mode=runtime)
+    quantized = {_owner(k): v for k, v in packed.items() if not isinstance(v, SPARSE_TYPES)}
+    return _swap(model, {k: v for k, v in quantized.items() if k in modules}, runtime)
 
 
 def save_compressed(
@@ -124,4 +136,4 @@ def save_compressed(
 
 def load_compressed(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
     """Rebuild the model saved by :func:`save_compressed` (:func:`load_model`)."""
-    return load_model(path, make_model)
+    return load_model(path, make_model, runtime="float")

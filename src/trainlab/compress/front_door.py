@@ -72,9 +72,13 @@ class CompressionReport:
 
 @dataclass
 class CompressionResult:
-    """``model``: a new model with every compressed layer's weight as it dequantizes (masks kept);
+    """``model``: a new model whose quantized ``nn.Linear`` layers are
+    :class:`~.quantized_linear.QuantizedLinear` modules (low-bit kernels; each says its path in ``.kernel`` and
+    why in ``.reason``) and every other compressed layer holds its weight as it dequantizes (masks kept); with
+    ``runtime="float"`` every quantized layer too (:meth:`float_model` gives that form of any result);
     ``weights``: quantized layer -> packed object; ``bits``: quantized layer -> bit-width (mean for per-column
-    bits); ``method``: the compressors used (``+``-joined); ``hessians``: the calibration Hessians used."""
+    bits); ``method``: the compressors used (``+``-joined); ``hessians``: the calibration Hessians used;
+    ``runtime``: the ``runtime`` compress ran with."""
 
     model: nn.Module
     weights: dict[str, Any]
@@ -85,6 +89,7 @@ class CompressionResult:
     second_order: bool
     group_size: int | None
     hessians: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    runtime: str = "float"
 
     def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> int:
         """Write the compressed model through the one save path (:func:`.export.save_model`: packed layers, sparse
@@ -102,22 +107,40 @@ class CompressionResult:
         return save_model(self.model, path, self.weights, metadata=meta)
 
     def runtime_model(self, mode: str = "auto") -> nn.Module:
-        """A copy of ``model`` whose quantized ``nn.Linear`` layers are
-        :class:`~.quantized_linear.QuantizedLinear` modules running on PyTorch's low-bit CPU kernels where the
-        format allows (``mode``: see that class; pruned positions stay exactly zero)."""
+        """A copy of the model whose quantized ``nn.Linear`` layers are
+        :class:`~.quantized_linear.QuantizedLinear` modules in ``mode`` (see that class; pruned positions stay
+        exactly zero); ``result.model`` already is one, in the mode ``compress`` was given."""
         from trainlab.compress.quantized_linear import runtime_model
-        from trainlab.compress.sparse_formats import MaskedWeight
 
-        modules = dict(self.model.named_modules())
-        weights = {
-            n: q if get_mask(modules[n]) is None else MaskedWeight(q, get_mask(modules[n]))
-            for n, q in self.weights.items()
-        }
-        return runtime_model(self.model, weights, mode=mode)
+        model = self.float_model()
+        return runtime_model(model, _masked(model, self.weights), mode=mode)
+
+    def float_model(self) -> nn.Module:
+        """The model with every quantized layer an ``nn.Linear`` (or conv) holding its dequantized weight, masks
+        kept: ``model`` itself when compress ran with ``runtime="float"``, else a converted copy
+        (:func:`~.quantized_linear.float_model`). What fine-tuning, Hessians and float exports need."""
+        from trainlab.compress.quantized_linear import float_model
+
+        return float_model(self.model)
 
     def quantized_weight_count(self) -> int:
-        layers = compressible_layers(self.model)
-        return sum(layers[k].weight.numel() for k in self.weights)
+        modules = dict(self.model.named_modules())
+        return sum(
+            m.in_features * m.out_features if not hasattr(m, "weight") else m.weight.numel()
+            for m in (modules[k] for k in self.weights)
+        )
+
+
+def _masked(model: nn.Module, weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Each packed weight, wrapped with its layer's pruning mask (and N:M pattern) where the layer is masked."""
+    from trainlab.compress.masks import mask_pattern
+    from trainlab.compress.sparse_formats import MaskedWeight
+
+    modules = dict(model.named_modules())
+    return {
+        n: q if get_mask(modules[n]) is None else MaskedWeight(q, get_mask(modules[n]), mask_pattern(modules[n]))
+        for n, q in weights.items()
+    }
 
 
 def _check_finite(layers: Mapping[str, nn.Module]) -> None:
@@ -218,6 +241,7 @@ def compress(
     hessians: Mapping[str, torch.Tensor] | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
+    runtime: str | None = "auto",
 ) -> CompressionResult:
     """Apply ``plan`` to a copy of ``model``; the caller's model is not modified.
 
@@ -229,8 +253,14 @@ def compress(
     reference's calibration; default: every Hessian on the dense model in one pass, see docs/compression.md);
     ``group_size``: quantization groups of input columns; ``options``: ``{compressor: {hyperparameter: value}}``;
     ``hessians`` / ``gradients``: precomputed per-layer measurements (layer name -> tensor), used instead of
-    measuring them on ``calibration``.
+    measuring them on ``calibration``. ``runtime``: how quantized ``nn.Linear`` layers come back: ``"auto"``
+    (default) as :class:`~.quantized_linear.QuantizedLinear` modules on the fastest correct path, ``"kernel"``,
+    ``"cache"`` or ``"dequantize"`` (that module's modes), or ``"float"`` / None: ``nn.Linear`` layers holding
+    the dequantized weights (what fine-tuning and gradient-based measurements need).
     """
+    from trainlab.compress.quantized_linear import _swap, check_runtime
+
+    runtime = check_runtime(runtime)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(second_order, bool):
@@ -342,8 +372,10 @@ def compress(
     report = _report(layers, out_layers, resolved, dense, notes, bits, unpruned)
     used = dict.fromkeys(c for r in resolved.values() for c, _ in filter(None, r))
     used_hessians = {n: hessians[n] for n in hessian_layers} if hessian_layers else {}
+    if runtime != "float":
+        out = _swap(out, _masked(out, packed), runtime)
     return CompressionResult(
-        out, packed, bits, report, plan, "+".join(used), bool(hessian_layers), group_size, used_hessians
+        out, packed, bits, report, plan, "+".join(used), bool(hessian_layers), group_size, used_hessians, runtime
     )
 
 

@@ -203,6 +203,9 @@ def save_pretrained_compressed(
         from compressed_tensors.quantization import apply_quantization_config
     except ImportError as err:  # pragma: no cover - the hf extra is part of the test extra
         raise ImportError("the Hugging Face export needs compressed-tensors: pip install trainlab[hf]") from err
+    from trainlab.compress.quantized_linear import float_model
+
+    model = float_model(model)  # QuantizedLinear layers (compress's default) back to nn.Linear
     quantized, pruned = _check(model, packed)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,18 @@
   take its slow reference path), the output is cast back to the input's dtype.
 * ``int8``: ``aten._weight_int8pack_mm`` for per-channel grids whose ``q - z`` fits int8 (symmetric 5-8 bits),
   bfloat16 activations and scales.
-* ``cached``: the weight dequantized once and kept in float32 (memory for speed: 4 bytes a weight).
+* ``cached``: the weight dequantized once and kept in the layer's dtype (memory for speed: 4 bytes a weight in
+  float32). ``auto`` takes it for weights off the CPU (the two kernels above are CPU kernels) and for float64
+  layers (the kernels would round a float64 model's activations to bfloat16).
 * ``dequantize``: the weight dequantized at every call (trainlab's packed path; least memory, slowest).
 
 ``mode="auto"`` takes a kernel where the format and shape allow it and ``dequantize`` otherwise. Both kernels
 round activations to bfloat16, so outputs equal the dequantized reference to bfloat16 precision, not float32's;
 ``mode="cache"`` keeps float32 results. :func:`runtime_model` swaps every quantized ``nn.Linear`` of a model for
-this module. A runtime model is for inference: its kernel tensors are not in its ``state_dict`` (they depend on the
-kernel's layout); save the compression result (``result.save``) and rebuild with ``load_model(..., runtime=)``.
+this module (:func:`trainlab.compress.compress` and :func:`~.export.load_model` do it by default) and
+:func:`float_model` turns them back into ``nn.Linear`` layers holding the dequantized weights (masks re-armed,
+ties restored). A runtime model is for inference: its kernel tensors are not in its ``state_dict`` (they depend on
+the kernel's layout); each module keeps its packed weight (``.packed``), which :func:`~.export.save_model` writes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,18 @@ from trainlab.compress.quant.grids import QuantizedWeight, expand_groups
 from trainlab.compress.sparse_formats import MaskedWeight
 
 MODES = ("auto", "kernel", "cache", "dequantize")
+RUNTIMES = (*MODES, "float")  # what compress(runtime=) and load_model(runtime=) take; "float" (or None): nn.Linear
+
+
+def check_runtime(runtime: str | None) -> str:
+    """``runtime`` as one of :data:`RUNTIMES` (None is ``"float"``); ValueError naming the allowed values."""
+    if runtime is None:
+        return "float"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)} or None (float layers), got {runtime!r}")
+    return runtime
+
+
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts, largest first
 INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu needs output rows divisible by this
 KERNEL_DTYPE = torch.bfloat16
@@ -84,35 +100,58 @@ class QuantizedLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` a packed weight (``(out_features, in_features)``), run as ``.kernel`` says.
 
     ``packed``: any packed format (:mod:`.formats`); the low-bit kernels take uniform grids
-    (:class:`~.quant.grids.QuantizedWeight`). ``mode``: ``auto`` (a kernel when possible, else dequantize at
-    every call), ``kernel`` (ValueError naming the reason when no kernel applies), ``cache`` (dequantize once,
-    float32) or ``dequantize``. ``.packed`` keeps the packed weight on the ``dequantize`` path only (the kernels
-    and the cache hold their own copy). The module is an inference module: its weight takes no gradient."""
+    (:class:`~.quant.grids.QuantizedWeight`). ``mode``: ``auto`` (a kernel when possible, the cache for weights
+    off the CPU, else dequantize at every call), ``kernel`` (ValueError naming the reason when no kernel applies),
+    ``cache`` (dequantize once) or ``dequantize``. ``dtype``: the dtype of the cache and of :meth:`to_linear`
+    (default float32). ``.packed`` keeps the packed weight (what saving writes and :meth:`to_linear` rebuilds
+    from; it costs the packed size again next to a kernel's own copy). ``.tied``: other parameter names of the
+    model that shared this layer's weight (set by :func:`runtime_model`, restored by :func:`float_model`). The
+    module is an inference module: its weight takes no gradient."""
 
-    def __init__(self, packed: Packed, bias: torch.Tensor | None = None, *, mode: str = "auto") -> None:
+    def __init__(
+        self,
+        packed: Packed,
+        bias: torch.Tensor | None = None,
+        *,
+        mode: str = "auto",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not isinstance(packed, Packed):
             raise TypeError(f"packed must be a packed weight format (see trainlab.compress.formats), got {packed!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.packed = packed
+        self.dtype = dtype
+        self.tied: tuple[str, ...] = ()
+        self.trainable = (False, False)  # the requires_grad flags to_linear gives the weight and the bias
         grid = _grid(packed)
         shape = grid.shape if isinstance(grid, QuantizedWeight) else packed.dequantize(torch.float32).shape
         self.out_features, self.in_features = shape[0], math.prod(shape[1:])
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.kernel, self.reason = self._choose(mode)
-        if self.kernel != "dequantize":
-            self.packed = None  # the kernel's own copy (or the cache) replaces it: no second copy of the codes
 
     def _choose(self, mode: str) -> tuple[str, str]:
         if mode == "cache":
-            self.register_buffer("dense", self.packed.dequantize(torch.float32), persistent=False)
-            return "cached", "mode='cache': dequantized once, float32"
+            self.register_buffer("dense", self._dense(), persistent=False)
+            return "cached", f"mode='cache': dequantized once, {self.dtype}"
         if mode == "dequantize":
             return "dequantize", "mode='dequantize'"
         w = _grid(self.packed)
         if not isinstance(w, QuantizedWeight):
             reason = f"{type(w).__name__} has no low-bit kernel (uniform grids only)"
+        elif self.dtype == torch.float64:
+            reason = "float64 layer: the int4/int8 kernels compute in bfloat16"
+            if mode == "auto":
+                self.register_buffer("dense", self._dense(), persistent=False)
+                return "cached", f"{reason}; dequantized once, float64"
+        elif w.codes.device.type != "cpu":
+            reason = f"weight on {w.codes.device.type}: the int4/int8 kernels used here are CPU kernels"
+            if mode == "auto":
+                self.register_buffer("dense", self._dense(), persistent=False)
+                return "cached", f"{reason}; dequantized once, {self.dtype}"
         else:
             group, reason = _int4_group(w)
             if group is not None:
@@ -125,7 +164,30 @@ class QuantizedLinear(nn.Module):
             reason = f"{reason}; {why}"
         if mode == "kernel":
             raise ValueError(f"no low-bit kernel runs this weight: {reason}")
-        return "dequantize", reason
+        return "dequantize", f"no kernel: {reason}"
+
+    def _dense(self) -> torch.Tensor:
+        return self.packed.dequantize(torch.float32).reshape(self.out_features, self.in_features).to(self.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` holding the dequantized weight (in ``dtype``) and the bias, its pruning mask re-armed
+        (a :class:`~.sparse_formats.MaskedWeight`, with its N:M pattern)."""
+        from trainlab.compress.masks import apply_mask
+
+        weight = self._dense()
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                          dtype=self.dtype)  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        layer.weight.requires_grad_(self.trainable[0])
+        if self.bias is not None:
+            layer.bias.requires_grad_(self.trainable[1])
+        layer.train(self.training)
+        if isinstance(self.packed, MaskedWeight):
+            apply_mask(layer, self.packed.mask.reshape(weight.shape), self.packed.pattern)
+        return layer
 
     def _pack_int4(self, w: QuantizedWeight, group: int) -> None:
         rows, cols = w.shape
@@ -167,21 +229,56 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
-def runtime_model(model: nn.Module, weights: Mapping[str, Packed], *, mode: str = "auto") -> nn.Module:
-    """A copy of ``model`` whose ``nn.Linear`` layers named in ``weights`` (layer name -> packed weight, e.g. a
-    compression result's ``weights``) are :class:`QuantizedLinear` modules; other layers (convolutions) stay as
-    they are. ``model`` is not modified."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    out = copy.deepcopy(model)
-    modules = dict(out.named_modules())
+def _swap(model: nn.Module, weights: Mapping[str, Packed], mode: str) -> nn.Module:
+    """Replace, in place, the ``nn.Linear`` layers of ``model`` named in ``weights`` by QuantizedLinear."""
+    modules = dict(model.named_modules())
     unknown = sorted(set(weights) - set(modules))
     if unknown:
         raise ValueError(f"weights names modules the model does not have: {unknown}")
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, packed in weights.items():
         layer = modules[name]
         if not isinstance(layer, nn.Linear) or not name:
             continue
         parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, QuantizedLinear(packed, layer.bias, mode=mode))
+        new = QuantizedLinear(packed, layer.bias, mode=mode, dtype=layer.weight.dtype)
+        new.tied = tuple(k for k, p in params.items() if p is layer.weight and k != f"{name}.weight")
+        new.trainable = (layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad)
+        new.train(layer.training)
+        setattr(modules[parent], child, new)
+    return model
+
+
+def runtime_model(model: nn.Module, weights: Mapping[str, Packed], *, mode: str = "auto") -> nn.Module:
+    """A copy of ``model`` whose ``nn.Linear`` layers named in ``weights`` (layer name -> packed weight, e.g. a
+    compression result's ``weights``) are :class:`QuantizedLinear` modules; other layers (convolutions) stay as
+    they are. ``model`` is not modified. A layer whose weight another module shares (an output layer tied to the
+    embeddings) runs on the kernel too; the other module keeps the dequantized weight, and :func:`float_model`
+    ties them again."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return _swap(copy.deepcopy(model), weights, mode)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Name -> module for every :class:`QuantizedLinear` of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def float_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose :class:`QuantizedLinear` modules are ``nn.Linear`` layers holding their
+    dequantized weights (:meth:`QuantizedLinear.to_linear`), with the weights they shared tied again; ``model``
+    itself when it has none (nothing to convert). ``model`` is not modified."""
+    if not quantized_layers(model):
+        return model
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    for name, q in quantized_layers(out).items():
+        parent, _, child = name.rpartition(".")
+        layer = q.to_linear()
+        setattr(modules[parent], child, layer)
+        for key in q.tied:
+            owner, _, attr = key.rpartition(".")
+            holder = out.get_submodule(owner) if owner else out
+            setattr(holder, attr, layer.weight)
     return out

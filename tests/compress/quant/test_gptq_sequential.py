@@ -84,8 +84,8 @@ def test_the_front_door_quantizes_sequentially_on_request():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).double()
     calibration = [torch.randn(64, 16, dtype=F64)]
     plan = [(".*", "rtn", 3)]
-    one_pass = compress(model, plan, calibration=calibration, second_order=True)
-    sequential = compress(model, plan, calibration=calibration, second_order=True, sequential=True)
+    one_pass = compress(model, plan, calibration=calibration, second_order=True, runtime="float")
+    sequential = compress(model, plan, calibration=calibration, second_order=True, sequential=True, runtime="float")
     quantized_first = sequential.model[0](calibration[0])
     assert torch.allclose(sequential.hessians["2"], _hess(torch.relu(quantized_first)), rtol=1e-12)
     assert torch.equal(sequential.model[0].weight, one_pass.model[0].weight)  # the first layer sees the same inputs

@@ -46,7 +46,9 @@ def test_every_method_round_trips_through_the_packed_file(setup, tmp_path, metho
         grads = layer_gradients(model, calibration_batches(w, 1), w.loss)
         with pytest.raises(ValueError, match="gradient"):
             quantize_model(model, method, 3)
-    qm = quantize_model(model, method, _bits(method), second_order=second, calibration=calib, gradients=grads)
+    qm = quantize_model(
+        model, method, _bits(method), second_order=second, calibration=calib, gradients=grads, runtime="float"
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # input untouched
     assert set(qm.weights) == set(compressible_layers(model))
     layers, quantized = compressible_layers(model), compressible_layers(qm.model)
@@ -54,7 +56,7 @@ def test_every_method_round_trips_through_the_packed_file(setup, tmp_path, metho
     path = tmp_path / "q.safetensors"
     size = save_quantized_model(qm, path)
     assert size == path.stat().st_size < 25856 * 4 / 6
-    reloaded = load_quantized_model(path, w.make_model)
+    reloaded = load_quantized_model(path, w.make_model, runtime="float")
     x = calib[0]
     assert torch.equal(reloaded(x), qm.model(x))
 
@@ -63,8 +65,8 @@ def test_conv_layers_quantize_with_second_order(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     calib = [torch.randn(16, 3, 6, 6) for _ in range(2)]
-    rtn = quantize_model(model, "rtn", 3)
-    gptq = quantize_model(model, "rtn", 3, second_order=True, calibration=calib)
+    rtn = quantize_model(model, "rtn", 3, runtime="float")
+    gptq = quantize_model(model, "rtn", 3, second_order=True, calibration=calib, runtime="float")
     for name in ("0", "3"):
         h = gptq.hessians[name]
         ref = flat_weight(compressible_layers(model)[name])
@@ -79,12 +81,12 @@ def test_conv_layers_quantize_with_second_order(tmp_path):
     path = tmp_path / "c.safetensors"
     save_quantized_model(gptq, path)
     x = calib[0]
-    assert torch.equal(load_quantized_model(path, lambda: type(model)(*[m for m in model]))(x), gptq.model(x))
+    assert torch.equal(load_quantized_model(path, lambda: type(model)(*list(model)), runtime="float")(x), gptq.model(x))
 
 
 def test_mixed_bits_per_layer_and_errors(setup):
     _, model, calib = setup
-    qm = quantize_model(model, "rtn", {"1": 4, "3": 2, "5": 8})
+    qm = quantize_model(model, "rtn", {"1": 4, "3": 2, "5": 8}, runtime="float")
     assert qm.bits == {"1": 4, "3": 2, "5": 8}
     assert max(len(torch.unique(r)) for r in qm.model[3].weight) <= 4
     with pytest.raises(ValueError, match="bits must name exactly the layers"):

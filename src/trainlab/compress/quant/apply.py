@@ -42,9 +42,10 @@ def quantize_model(
     hessians: Mapping[str, torch.Tensor] | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
+    runtime: str | None = "auto",
 ) -> CompressionResult:
     """:func:`~trainlab.compress.compress` with one quantizer ``method`` on every compressible layer at ``bits``
-    (one bit-width, or one per layer name). ``model`` itself is not modified."""
+    (one bit-width, or one per layer name); ``runtime`` as in ``compress``. ``model`` itself is not modified."""
     if get_compressor(method).kind != "quantizer":
         raise ValueError(f"{method!r} is not a quantizer; quantize_model takes one of the registered quantizers")
     if isinstance(bits, Mapping):
@@ -64,6 +65,7 @@ def quantize_model(
         hessians=hessians,
         gradients=gradients,
         progress=progress,
+        runtime=runtime,
     )
 
 
@@ -74,10 +76,12 @@ def save_quantized_model(qm: QuantizedModel, path: str | Path, metadata: Mapping
     return save_model(qm.model, path, qm.weights, metadata=meta)
 
 
-def load_quantized_model(path: str | Path, make_model: Callable[[], nn.Module]) -> nn.Module:
-    """A fresh ``make_model()`` with the file's dequantized weights (conv kernels reshaped back), masks re-armed
-    and ties restored (:func:`trainlab.compress.export.load_model`)."""
-    return load_model(path, make_model)
+def load_quantized_model(
+    path: str | Path, make_model: Callable[[], nn.Module], *, runtime: str | None = "auto"
+) -> nn.Module:
+    """A fresh ``make_model()`` with the file's weights (conv kernels reshaped back), masks re-armed and ties
+    restored, quantized ``nn.Linear`` layers as ``runtime`` says (:func:`trainlab.compress.export.load_model`)."""
+    return load_model(path, make_model, runtime=runtime)
 
 
 def layer_gradients(model: nn.Module, batches: Sequence[Any], loss: Callable[[nn.Module, Any], torch.Tensor]):
