@@ -51,14 +51,14 @@ def _create(name, params):
     return optim.create(name.removesuffix("-random"), params, **hp)
 
 
-def _model():
+def _model():  # 5 outputs: the last layer's rows shard unevenly (3 + 2)
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
 
 
 def _batch(rank, step):
     g = torch.Generator().manual_seed(10 * step + rank)
-    return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 5, generator=g)
 
 
 def _train(name, model, rank=None, steps=3, averaged=False):
@@ -177,7 +177,7 @@ def _worker(rank, store, out):
             ref, ref_opt = _train(name, _model(), averaged=name in AVERAGED)
             sharded, opt = _train(name, _sharded(), rank)
             results[name] = max(
-                float((p.full_tensor() - q).detach().abs().max() / q.detach().abs().max())
+                float((p.full_tensor() - q).detach().abs().max())
                 for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
             )
             if name in STATEFUL:  # summed over ranks vs one process + each extra rank's replicated state
@@ -209,8 +209,8 @@ def results():
 
 @pytest.mark.parametrize("name", RUNS + tuple(STATEFUL))
 def test_optimizer_on_fsdp2_matches_one_process(results, name):
-    # max over parameters of max |FSDP2 - one process| / max |one process|
-    assert results[name] <= 1e-6, f"{name}: relative max |FSDP2 - single process| = {results[name]:.2e}"
+    # largest entries of the parameters 0.23-0.35: 1e-6 is a few float32 ulps of them (relative ~4e-6)
+    assert results[name] <= 1e-6, f"{name}: max |FSDP2 - single process| = {results[name]:.2e}"
 
 
 def test_state_bytes_count_this_ranks_shards(results):
