@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_every=args.eval_every,
         engine=args.engine,
+        speeds=args.speeds,
+        byzantine=args.byzantine,
+        attack=args.attack,
         hyperparameters=parse_hyperparameters(args.hp),
     )
     if args.export_app:
@@ -64,15 +67,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from trainlab.lab.federate import DATA, ENGINES, PARTICIPATION, strategy_choices
+    from trainlab.lab.federate import ATTACKS, DATA, ENGINES, PARTICIPATION, SPEEDS, strategy_choices
 
     server = strategy_choices()
     p = subparsers.add_parser("federate", help="simulate federated training: a strategy against a baseline")
     p.add_argument(
         "--workload", default="digits-mlp", choices=sorted(DATA), help="dataset and model (default digits-mlp)"
     )
-    p.add_argument("--strategy", default="fedau", choices=server, help="aggregation strategy (default fedau)")
-    p.add_argument("--baseline", default="fedavg", choices=server, help="compared strategy (default fedavg)")
+    p.add_argument(
+        "--strategy",
+        default="fedau",
+        choices=server,
+        help="aggregation strategy (default fedau); fedfix and async run asynchronously (see --speeds), monna "
+        "peer-to-peer against Byzantine machines (see --byzantine)",
+    )
+    p.add_argument(
+        "--baseline",
+        default="fedavg",
+        choices=server,
+        help="compared strategy (default fedavg: synchronous rounds for fedfix/async, plain averaging for monna)",
+    )
     p.add_argument("--clients", type=int, default=50, help="number of clients (default 50)")
     p.add_argument("--rounds", type=int, default=200, help="number of rounds (default 200)")
     p.add_argument(
@@ -82,6 +96,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="who participates: hetero (Bernoulli, rates 0.02..0.9 unknown to the server), uniform (0.5), markov, "
         "cyclic (default hetero)",
     )
+    p.add_argument(
+        "--speeds",
+        default="hetero",
+        choices=SPEEDS,
+        help="fedfix/async: client compute times, hetero (1.0..0.1) or uniform (1.0); --rounds is then the "
+        "simulated wall time and --eval-every time units (default hetero)",
+    )
+    p.add_argument(
+        "--byzantine",
+        type=float,
+        default=0.0,
+        help="monna: fraction of the clients that are Byzantine, in [0, 0.5) (default 0); --rounds is then steps",
+    )
+    p.add_argument("--attack", default="signflip", choices=ATTACKS, help="monna: what the Byzantine machines send")
     p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet label concentration of the split (default 0.1)")
     p.add_argument("--local-steps", type=int, default=5, help="local SGD steps per round (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="local batch size (default 16)")

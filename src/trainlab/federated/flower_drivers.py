@@ -15,6 +15,7 @@ Client ``n`` is the ``n``-th smallest node id; messages name it as ``client-id``
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,9 +78,13 @@ def run_asynchronous_on_grid(
     scheme: str,
     interval: float = 1.0,
     timeout: float = 600.0,
+    evaluate: Callable[[Tensor], float] | None = None,
+    eval_every_time: float = 1.0,
 ) -> GridRun:
     """``aggregator`` (fedfix, async, fedavg for ``scheme="sync"``) over the clients' push/pull replies until
-    ``horizon``; error replies and non-finite updates are listed in ``failures`` and never aggregated."""
+    ``horizon``; error replies and non-finite updates are listed in ``failures`` and never aggregated.
+    ``evaluate(x)`` (the flattened global model, float64) is recorded as ``metric`` on the pure driver's
+    schedule: at the first aggregation at or after every ``eval_every_time`` time units."""
     nodes = _clients(grid, aggregator.num_clients, timeout)
     schedule = arrival_schedule(scheme, compute_times, horizon, interval)
     due = {n: [k for k, (_, clients) in enumerate(schedule) if n in clients] for n in range(len(nodes))}
@@ -98,6 +103,7 @@ def run_asynchronous_on_grid(
         pending.update(zip(ready, grid.push_messages(messages), strict=True))
 
     run = GridRun(arrays)
+    next_eval = eval_every_time
     push(list(range(len(nodes))))
     for k, (at, clients) in enumerate(schedule):
         ids = [pending.pop(n) for n in clients]
@@ -116,7 +122,11 @@ def run_asynchronous_on_grid(
                 continue
             updates.append(ClientUpdate(n, delta, float(reply.content["metrics"]["num-examples"]), k))
         x = x + aggregator.aggregate(updates).double()
-        run.history.append({"round": k, "time": at, "participants": [u.client for u in updates], "failed": failed})
+        record = {"round": k, "time": at, "participants": [u.client for u in updates], "failed": failed}
+        if evaluate is not None and at >= next_eval - 1e-9:
+            record["metric"] = float(evaluate(x))
+            next_eval = (math.floor(at / eval_every_time + 1e-9) + 1) * eval_every_time
+        run.history.append(record)
         push(clients)
     run.arrays = from_vector(x, template)
     return run
@@ -146,11 +156,14 @@ def run_monna_on_grid(
     *,
     attack: Callable[[Tensor], Tensor] | None = None,
     timeout: float = 600.0,
+    evaluate: Callable[[Tensor], float] | None = None,
+    eval_every: int = 1,
 ) -> tuple[GridRun, Tensor]:
     """``steps`` MoNNA steps of the honest machines (one node each) from the common model ``arrays``;
     ``attack(params)`` gives the Byzantine vectors of a step from the honest models [honest, dim]. Returns the run
     (``arrays`` the honest machines' mean) and the honest machines' final models [honest, dim]. A machine whose
-    gradient fails stops the run (a MoNNA step needs every honest machine)."""
+    gradient fails stops the run (a MoNNA step needs every honest machine). ``evaluate(mean)`` (the honest
+    machines' mean model) is recorded as ``metric`` every ``eval_every`` steps and at the last."""
     nodes = _clients(grid, machine.num_clients, timeout)
     x, template = to_vector(arrays)
     params = x.expand(machine.num_clients, -1).to(machine.dtype).clone()
@@ -179,8 +192,9 @@ def run_monna_on_grid(
             grads.append(to_vector(reply.content["arrays"])[0])
         byzantine = None if attack is None else attack(params)
         params = machine.step(params, torch.stack(grads), lr, byzantine)
-        run.history.append(
-            {"round": step, "time": float(step + 1), "participants": list(range(len(nodes))), "failed": []}
-        )
+        record = {"round": step, "time": float(step + 1), "participants": list(range(len(nodes))), "failed": []}
+        if evaluate is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            record["metric"] = float(evaluate(params.double().mean(0)))
+        run.history.append(record)
     run.arrays = from_vector(params.double().mean(0), template)
     return run, params

@@ -39,6 +39,10 @@ DATA: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
 }
 PARTICIPATION = ("hetero", "uniform", "markov", "cyclic")
 ENGINES = ("inprocess", "flower", "ray")
+# Client speeds of the asynchronous strategies (fedfix, async): compute time of one local round per client.
+SPEEDS = ("hetero", "uniform")
+# What MoNNA's Byzantine machines send each step, from the honest machines' models [honest, dim].
+ATTACKS = ("signflip", "alie")
 # Flower's own strategies by name, as --strategy or --baseline: (class in flwr.serverapp.strategy, keyword defaults).
 # They run in Flower's strategy loop (on the in-process grid under --engine inprocess), with the same participation.
 FLOWER_STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -52,8 +56,40 @@ FLOWER_STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def strategy_choices() -> list[str]:
-    """What --strategy / --baseline accept: trainlab's synchronous server methods, then Flower's by name."""
-    return [*federated.strategy_names("server"), *FLOWER_STRATEGIES]
+    """What --strategy / --baseline accept: trainlab's synchronous server methods, then Flower's by name, then the
+    asynchronous (fedfix, async) and peer-to-peer (monna) methods, which run on their own drivers."""
+    return [
+        *federated.strategy_names("server"),
+        *FLOWER_STRATEGIES,
+        *federated.strategy_names("asynchronous"),
+        *federated.strategy_names("peer-to-peer"),
+    ]
+
+
+def strategy_kind(name: str) -> str:
+    """``server`` (trainlab's or Flower's), ``asynchronous`` or ``peer-to-peer``."""
+    return "server" if name in FLOWER_STRATEGIES else federated.get_spec(name).kind
+
+
+def compute_times(speeds: str, clients: int) -> torch.Tensor:
+    """Each client's time for one local round: ``hetero`` spread evenly over [1.0, 0.1] (client 0 the slowest, as
+    in FedFix's "F-90" scenario), ``uniform`` 1.0 for all."""
+    if speeds == "hetero":
+        return torch.linspace(1.0, 0.1, clients, dtype=torch.float64)
+    if speeds == "uniform":
+        return torch.ones(clients, dtype=torch.float64)
+    raise ValueError(f"--speeds must be one of {SPEEDS}, got {speeds!r}")
+
+
+def byzantine_attack(attack: str, count: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The vectors ``count`` Byzantine machines send, from the honest models [honest, dim]: ``signflip`` the honest
+    mean with its sign flipped, ``alie`` ("a little is enough") the honest mean minus 1.5 standard deviations per
+    coordinate."""
+    if attack == "signflip":
+        return lambda params: (-params.mean(0)).expand(count, -1)
+    if attack == "alie":
+        return lambda params: (params.mean(0) - 1.5 * params.std(0)).expand(count, -1)
+    raise ValueError(f"--attack must be one of {ATTACKS}, got {attack!r}")
 
 
 @dataclass
@@ -72,7 +108,18 @@ class FederateJob:
     seed: int = 0
     eval_every: int = 10
     engine: str = "inprocess"
+    speeds: str = "hetero"  # asynchronous strategies only
+    byzantine: float = 0.0  # monna only: the fraction of the clients that are Byzantine
+    attack: str = "signflip"  # monna only
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return strategy_kind(self.strategy)
+
+    @property
+    def byzantine_count(self) -> int:
+        return round(self.byzantine * self.clients)
 
     def check(self) -> None:
         if self.workload not in DATA:
@@ -82,7 +129,28 @@ class FederateJob:
         for name in (self.strategy, self.baseline):
             if name not in strategy_choices():
                 kinds = ", ".join(strategy_choices())
-                raise ValueError(f"--strategy/--baseline must be a synchronous server method ({kinds}), got {name!r}")
+                raise ValueError(f"--strategy/--baseline must be one of {kinds}, got {name!r}")
+        if self.kind == "server" and strategy_kind(self.baseline) != "server":
+            raise ValueError(f"--baseline {self.baseline} is not a synchronous server method like --strategy")
+        if self.kind == "asynchronous" and self.baseline not in ("fedavg", *federated.strategy_names("asynchronous")):
+            raise ValueError(
+                "--baseline for an asynchronous --strategy must be fedavg (synchronous, waits for the slowest "
+                f"client), fedfix or async, got {self.baseline!r}"
+            )
+        if self.kind == "peer-to-peer" and self.baseline != "fedavg":
+            raise ValueError(f"--baseline for --strategy monna must be fedavg (plain averaging), got {self.baseline!r}")
+        if self.kind != "server" and self.engine == "ray":
+            raise ValueError(f"--engine ray runs server strategies only; {self.strategy} runs on inprocess or flower")
+        if self.speeds not in SPEEDS:
+            raise ValueError(f"--speeds must be one of {SPEEDS}, got {self.speeds!r}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"--attack must be one of {ATTACKS}, got {self.attack!r}")
+        if not 0 <= self.byzantine < 0.5:
+            raise ValueError(f"--byzantine must be a fraction in [0, 0.5), got {self.byzantine!r}")
+        if self.byzantine and self.kind != "peer-to-peer":
+            raise ValueError("--byzantine applies to --strategy monna only")
+        if self.kind == "peer-to-peer" and self.failure_rate:
+            raise ValueError("--failure-rate does not apply to monna: a MoNNA step needs every honest machine")
         if self.participation not in PARTICIPATION:
             raise ValueError(f"--participation must be one of {PARTICIPATION}, got {self.participation!r}")
         if self.engine not in ENGINES:
@@ -170,6 +238,10 @@ def simulation(job: FederateJob, name: str, hp: dict[str, Any]) -> Simulation:
 
 
 def _run(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
+    if job.kind == "asynchronous":
+        return _run_asynchronous(job, name, hp)
+    if job.kind == "peer-to-peer":
+        return _run_monna(job, name, hp)
     sim = simulation(job, name, hp)
     if job.engine == "inprocess" and sim.aggregator is not None:
         return run_rounds(sim.trainer, sim.aggregator, sim.matrix, evaluate=sim.evaluate, eval_every=job.eval_every)
@@ -203,6 +275,129 @@ def _run_ray(job: FederateJob, sim: Simulation) -> FederatedRun:
     if not runs:
         raise RuntimeError("Flower's Ray simulation ended without finishing the run (see Flower's log above)")
     return runs[0]
+
+
+def _run_asynchronous(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
+    """``name`` (fedfix, async, or fedavg: synchronous rounds waiting for the slowest client) with the clients'
+    ``compute_times`` until simulated time ``job.rounds`` (the slowest client's round takes 1.0); validation every
+    ``job.eval_every`` time units. The same data split and failures as the server strategies."""
+    from trainlab.federated.simulate import run_asynchronous
+
+    sim = simulation(job, "fedavg", {})
+    times = compute_times(job.speeds, job.clients)
+    dim = sum(p.numel() for p in sim.trainer.model.parameters())
+    if name == "fedavg":
+        aggregator, scheme, interval = federated.create("fedavg", num_clients=job.clients, dim=dim), "sync", 1.0
+    else:
+        aggregator = federated.create(name, num_clients=job.clients, dim=dim, compute_times=times, **hp)
+        scheme, interval = aggregator.scheme, aggregator.interval
+    horizon = float(job.rounds)
+    if job.engine == "inprocess":
+        return run_asynchronous(
+            sim.trainer,
+            aggregator,
+            times,
+            horizon,
+            scheme=scheme,
+            interval=interval,
+            evaluate=sim.evaluate,
+            eval_every_time=float(job.eval_every),
+        )
+    from flwr.app import ArrayRecord
+
+    from trainlab.federated.flower import LocalGrid, client_app
+    from trainlab.federated.flower_drivers import run_asynchronous_on_grid
+
+    model = copy.deepcopy(sim.trainer.model)
+    grid = LocalGrid(client_app(sim.trainer), job.clients)
+    grid_run = run_asynchronous_on_grid(
+        grid,
+        aggregator,
+        ArrayRecord(model.state_dict()),
+        times,
+        horizon,
+        scheme=scheme,
+        interval=interval,
+        evaluate=lambda x: sim.evaluate(_with_vector(model, x)),
+        eval_every_time=float(job.eval_every),
+    )
+    model.load_state_dict(grid_run.arrays.to_torch_state_dict())
+    return FederatedRun(model, grid_run.history, grid_run.failures)
+
+
+def _with_vector(model: nn.Module, vector: torch.Tensor) -> nn.Module:
+    from torch.nn.utils import vector_to_parameters
+
+    with torch.no_grad():
+        vector_to_parameters(vector.to(next(model.parameters()).dtype), model.parameters())
+    return model
+
+
+def _run_monna(job: FederateJob, name: str, hp: dict[str, Any]) -> FederatedRun:
+    """MoNNA's honest machines (``clients`` minus the Byzantine ones, each with a share of the data) take one
+    stochastic gradient each per step (``job.rounds`` steps, lr ``job.lr``) while the Byzantine machines send
+    ``job.attack``'s vectors; ``fedavg`` is plain averaging of everything received (D-SGD, no momentum). The
+    metric is the validation accuracy of the honest machines' mean model."""
+    workload = get_workload(job.workload)
+    x, y, x_val, y_val = DATA[job.workload]()
+    byzantine = job.byzantine_count
+    honest = job.clients - byzantine
+    parts = dirichlet_partition(y, honest, job.alpha, job.seed)
+    torch.manual_seed(job.seed)
+    model = workload.make_model()
+    work = copy.deepcopy(model)
+    params = list(work.parameters())
+    dim = sum(p.numel() for p in params)
+    if name == "fedavg":
+        machine = federated.create("monna", num_clients=honest, dim=dim, byzantine=0, momentum=0.0, dampening=0.0)
+    else:
+        machine = federated.create("monna", num_clients=honest, dim=dim, byzantine=byzantine, **hp)
+
+    def gradient(client: int, step: int, theta: torch.Tensor) -> torch.Tensor:
+        idx = parts[client]
+        gen = batch_generator(job.seed, step * honest + client)
+        pick = idx[torch.randint(len(idx), (job.batch_size,), generator=gen)]
+        _with_vector(work, theta)
+        for p in params:
+            p.grad = None
+        work.train()
+        workload.loss(work, (x[pick], y[pick])).backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+    attack = byzantine_attack(job.attack, byzantine) if byzantine else None
+    evaluate = lambda vector: _evaluate(_with_vector(model, vector), x_val, y_val)  # noqa: E731
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    if job.engine == "flower":
+        from flwr.app import ArrayRecord
+
+        from trainlab.federated.flower import LocalGrid
+        from trainlab.federated.flower_drivers import gradient_app, run_monna_on_grid
+
+        grid = LocalGrid(gradient_app(gradient), honest)
+        grid_run, _ = run_monna_on_grid(
+            grid,
+            machine,
+            ArrayRecord(copy.deepcopy(model).state_dict()),
+            job.rounds,
+            job.lr,
+            attack=attack,
+            evaluate=evaluate,
+            eval_every=job.eval_every,
+        )
+        model.load_state_dict(grid_run.arrays.to_torch_state_dict())
+        return FederatedRun(model, grid_run.history, grid_run.failures)
+    theta = start.expand(honest, -1).to(machine.dtype).clone()
+    run = FederatedRun(model)
+    for step in range(job.rounds):
+        grads = torch.stack([gradient(n, step, theta[n]) for n in range(honest)])
+        theta = machine.step(theta, grads, job.lr, None if attack is None else attack(theta))
+        record: dict[str, Any] = {"round": step, "time": float(step + 1), "participants": list(range(honest))}
+        record["failed"] = []
+        if (step + 1) % job.eval_every == 0 or step + 1 == job.rounds:
+            record["metric"] = float(evaluate(theta.double().mean(0)))
+        run.history.append(record)
+    _with_vector(model, theta.double().mean(0))
+    return run
 
 
 def start_flower(job: FederateJob, sim: Simulation, grid: Any) -> FederatedRun:
@@ -253,19 +448,33 @@ def federate(job: FederateJob, out: Path | None = None) -> dict[str, Any]:
     if out is not None:
         prepare_out(out, asdict(job), overwrite=True)
     results = {}
+    matrix = None
     for name, hp in ((job.strategy, job.hyperparameters), (job.baseline, {})):
         if name in results:
             continue
         run = _run(job, name, hp)
-        curve = [(h["round"] + 1, h["metric"]) for h in run.history if "metric" in h]
+        # Asynchronous runs are measured in simulated wall time, the others per round (or MoNNA step).
+        x_key = "time" if job.kind == "asynchronous" else "round"
+        curve = [(h["time"] if x_key == "time" else h["round"] + 1, h["metric"]) for h in run.history if "metric" in h]
         results[name] = {
             "curve": curve,
             "final_accuracy": curve[-1][1],
             "participants_per_round": [len(h["participants"]) for h in run.history],
             "failures": [list(f) for f in run.failures],
         }
-    p, matrix = participation_for(job.participation, job.clients, job.rounds, job.seed)
-    summary = {"job": asdict(job), "probabilities": p.tolist(), "results": results}
+        if job.kind != "server" and matrix is None:  # who the strategy aggregated at each step
+            width = job.clients - job.byzantine_count
+            matrix = torch.zeros(len(run.history), width, dtype=torch.bool)
+            for k, h in enumerate(run.history):
+                matrix[k, h["participants"]] = True
+    if job.kind == "server":
+        p, matrix = participation_for(job.participation, job.clients, job.rounds, job.seed)
+        probabilities = p.tolist()
+    else:
+        probabilities = None
+    summary: dict[str, Any] = {"job": asdict(job), "probabilities": probabilities, "results": results}
+    if job.kind == "asynchronous":
+        summary["compute_times"] = compute_times(job.speeds, job.clients).tolist()
     if out is not None:
         _write(out, job, summary, matrix)
     return summary
@@ -273,17 +482,40 @@ def federate(job: FederateJob, out: Path | None = None) -> dict[str, Any]:
 
 def _write(out: Path, job: FederateJob, summary: dict[str, Any], matrix: torch.Tensor) -> None:
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
-    rows = ["round," + ",".join(f"client{n}" for n in range(job.clients))]
+    rows = ["round," + ",".join(f"client{n}" for n in range(matrix.shape[1]))]
     rows += [f"{t + 1}," + ",".join(str(int(v)) for v in row) for t, row in enumerate(matrix.tolist())]
     atomic_write_text(out / "participation.csv", "\n".join(rows) + "\n")
+    if job.kind == "asynchronous":
+        setting = (
+            f"{job.clients} clients with {job.speeds} speeds (compute times {min(summary['compute_times']):.2f}.."
+            f"{max(summary['compute_times']):.2f}; clients restart as soon as they finish, so --participation is "
+            f"not used), simulated wall time {job.rounds} (the slowest round takes 1), curves against time"
+        )
+        per = "aggregation"
+    elif job.kind == "peer-to-peer":
+        setting = (
+            f"{job.clients} machines, {job.byzantine_count} Byzantine ({job.attack} attack), {job.rounds} steps of "
+            f"one stochastic gradient per honest machine; accuracy of the honest machines' mean"
+        )
+        per = "step"
+    else:
+        setting = (
+            f"{job.clients} clients, {job.rounds} rounds, participation {job.participation} (rates unknown to the "
+            "server)"
+        )
+        per = "round"
     lines = [
         f"# trainlab federate: {job.strategy} vs {job.baseline} on {job.workload}",
         "",
-        f"{job.clients} clients, {job.rounds} rounds, participation {job.participation} (rates unknown to the server), "
-        f"Dirichlet alpha {job.alpha}, {job.local_steps} local SGD steps (lr {job.lr}, batch {job.batch_size}), "
-        f"engine {job.engine}, seed {job.seed}.",
+        f"{setting}, Dirichlet alpha {job.alpha}, "
+        + (
+            f"one gradient per step (batch {job.batch_size}, lr {job.lr})"
+            if job.kind == "peer-to-peer"
+            else f"{job.local_steps} local SGD steps (lr {job.lr}, batch {job.batch_size})"
+        )
+        + f", engine {job.engine}, seed {job.seed}.",
         "",
-        "| strategy | final accuracy | best accuracy | mean participants / round | client failures |",
+        f"| strategy | final accuracy | best accuracy | mean participants / {per} | client failures |",
         "|---|---|---|---|---|",
     ]
     for name, r in summary["results"].items():
@@ -308,7 +540,8 @@ def _plot(out: Path, summary: dict[str, Any], matrix: torch.Tensor) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in summary["results"].items():
         ax.plot(*zip(*r["curve"], strict=True), label=name)
-    ax.set(xlabel="round", ylabel="validation accuracy", title=summary["job"]["workload"])
+    xlabel = "simulated wall time" if "compute_times" in summary else "round"
+    ax.set(xlabel=xlabel, ylabel="validation accuracy", title=summary["job"]["workload"])
     ax.legend()
     _save(fig, out / "curves.png")
     fig, ax = plt.subplots(figsize=(8, 3))

@@ -76,6 +76,11 @@ def _client(message: Message, context: Context) -> Message:
 def export_app(job: FederateJob, directory: Path, result_path: str = "") -> Path:
     """Write ``job`` as a Flower app into ``directory`` (created; existing app files are replaced)."""
     job.check()
+    if job.kind != "server":
+        raise ValueError(
+            f"--export-app writes synchronous server strategies; {job.strategy} ({job.kind}) runs with "
+            "--engine inprocess or flower"
+        )
     package = directory / PACKAGE
     package.mkdir(parents=True, exist_ok=True)
     config = {**job_config(job), RESULT_KEY: result_path}
