@@ -141,6 +141,8 @@ def test_launcher_refuses_resume_and_bad_sizes_and_builds_torchrun_commands(tmp_
         launch_bench(config, nproc=2)
     with pytest.raises(ValueError, match="node_rank"):
         launch_bench(config, nproc=1, nnodes=2, node_rank=2)
+    with pytest.raises(ValueError, match="local method"):
+        launch_bench(BenchConfig(workloads=["digits-mlp"], algorithms=["forward-forward"], out=tmp_path), nproc=2)
     with pytest.raises(ValueError, match="master-addr"):
         torchrun_command(tmp_path / "s.pkl", 1, nnodes=2)
     assert "--standalone" in torchrun_command(tmp_path / "s.pkl", 2)

@@ -169,6 +169,11 @@ def launch_bench(
         raise ValueError("--resume is not supported with --nproc (the ranks keep no checkpoints)")
     world = nproc * nnodes
     choices = parse_compressors(compressors, world)
+    from trainlab.lab import local
+
+    for algorithm in config.algorithms:
+        if local.is_local(algorithm):
+            raise ValueError(f"--nproc trains with an optimizer under DDP; {algorithm!r} is a local method")
     workloads = validate(config)
     for w in workloads:
         if w.batch_size % world:
