@@ -124,7 +124,7 @@ def test_compressor_specs_are_checked_before_launch(specs, match):
 
 
 def test_compressor_specs_parse_names_feedback_and_options():
-    got = parse_compressors(["allreduce,count-sketch", "topk-ef21-w:ratio=0.05:smoothness=[1,3]", "sign-ef"], 2)
+    got = parse_compressors(["allreduce,count-sketch", "topk-ef21-w:ratio=0.05:smoothness=[1,3],sign-ef"], 2)
     assert got == [
         CommChoice("allreduce"),
         CommChoice("count-sketch", "count-sketch", "none"),

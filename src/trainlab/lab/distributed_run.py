@@ -57,13 +57,14 @@ class CommChoice:
 
 
 def parse_compressors(specs: Sequence[str], world_size: int | None = None) -> list[CommChoice]:
-    """``["allreduce", "topk-ef21:ratio=0.05"]`` -> CommChoices; a spec without ``:`` may list several names
-    separated by commas. Every name and value is checked here (ValueError), before anything launches."""
+    """``["allreduce", "topk-ef21:ratio=0.05"]`` -> CommChoices; each string may list several specs separated by
+    commas outside brackets (``"allreduce,topk-ef21-w:smoothness=[1,3]"``). Every name and value is checked here
+    (ValueError), before anything launches."""
     from trainlab.distributed import create_compressor
     from trainlab.distributed.registry import comm_specs
 
     compressors = [s.name for s in comm_specs() if s.kind == "compressor"]
-    names = [n for spec in specs for n in ([spec] if ":" in spec else spec.split(","))]
+    names = [n for spec in specs for n in _split_top_level(spec)]
     choices = []
     for spec in (n.strip() for n in names):
         head, *pairs = spec.split(":")
@@ -114,6 +115,19 @@ def parse_compressors(specs: Sequence[str], world_size: int | None = None) -> li
     if not choices or len(set(labels)) != len(labels):
         raise ValueError(f"--compressor needs distinct compressors, got {labels}")
     return choices
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside [], () and {}."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch in "[({") - (ch in "])}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
 
 
 def free_port() -> int:
