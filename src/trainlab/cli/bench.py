@@ -57,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        adapters=args.adapters or (),
+        adapter_options=parse_hyperparameters(args.adapter_option),
+        adapter_callbacks=parse_hyperparameters(args.adapter_callback),
+        adapter_targets=args.adapter_targets,
     )
     if args.nproc > 1 or args.nnodes > 1 or args.compressor:
+        if config.adapters:
+            raise ValueError("--adapters runs in one process; drop --nproc, --nnodes and --compressor")
         return _run_distributed(args, config)
     try:
         results = run_bench(config)
@@ -165,6 +171,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="an option of the schedule, repeatable (e.g. --schedule wsd --schedule-option decay=0.2)",
+    )
+    p.add_argument(
+        "--adapters",
+        type=_csv,
+        default=None,
+        help="compare adapter methods side by side (e.g. lora,lora-ga,full; 'full' = every parameter): each algorithm "
+        "trains each adapter on the workload's model (see trainlab finetune)",
+    )
+    p.add_argument(
+        "--adapter-option", action="append", default=[], metavar="METHOD.KEY=VALUE", help="an adapter's option"
+    )
+    p.add_argument(
+        "--adapter-callback",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="an adapter's training-callback option (e.g. adalora.init_warmup=0)",
+    )
+    p.add_argument(
+        "--adapter-targets",
+        type=_csv,
+        default=None,
+        help="module names/suffixes/globs to adapt (default: the workload's)",
     )
     p.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --out")
     p.add_argument(

@@ -39,6 +39,12 @@ class BenchConfig:
     checkpoint_every: int = 50
     progress: bool = True
     overwrite: bool = False  # replace the results of another configuration in ``out``
+    # Adapter methods ("full" = every parameter): each algorithm trains each adapter (trainlab.lab.finetune);
+    # per-method options and callback options as {"lora": {"r": 4}}, adapted layers by name (default: the workload's).
+    adapters: Sequence[str] = ()
+    adapter_options: Mapping[str, Any] | None = None
+    adapter_callbacks: Mapping[str, Any] | None = None
+    adapter_targets: Sequence[str] | None = None
 
 
 def validate(config: BenchConfig) -> list[Workload]:
@@ -49,6 +55,10 @@ def validate(config: BenchConfig) -> list[Workload]:
         if config.schedule is not None and local.is_local(algorithm):
             raise ValueError(f"a schedule applies to optimizers; {algorithm!r} is a local-training method")
     _check_override_names(config)
+    if config.adapters:
+        from trainlab.lab.finetune import check_bench_adapters
+
+        check_bench_adapters(config.adapters, config.algorithms, config.adapter_options, config.adapter_callbacks)
     for algorithm in config.algorithms:
         for w in workloads:
             _check_values(w, algorithm, resolve_hyperparameters(algorithm, w, config.hyperparameters))
@@ -111,26 +121,34 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     out = Path(config.out)
     origin = prepare_out(out, resolved_config(config, workloads), config.overwrite)
     log = TrainLossLog(out)
-    total = config.seeds * sum(
-        config.steps or local.default_steps(w, a, resolve_hyperparameters(a, w, config.hyperparameters))
-        for w in workloads
-        for a in config.algorithms
+    total = (
+        config.seeds
+        * max(1, len(config.adapters))
+        * sum(
+            config.steps or local.default_steps(w, a, resolve_hyperparameters(a, w, config.hyperparameters))
+            for w in workloads
+            for a in config.algorithms
+        )
     )
     results: list[dict[str, Any]] = []
     with tqdm(total=total, desc="bench", unit="step", disable=not config.progress) as bar:
         for w in workloads:
-            for algorithm in config.algorithms:
+            for adapter, algorithm in ((d, a) for d in config.adapters or [None] for a in config.algorithms):
                 for seed in range(config.seeds):
-                    label = f"{w.name} {algorithm} seed {seed}"
+                    label = f"{w.name} {algorithm if adapter is None else f'{adapter}+{algorithm}'} seed {seed}"
                     bar.set_postfix_str(label)
 
                     def show(point: dict[str, float], label: str = label) -> None:
                         bar.set_postfix_str(f"{label} loss {point['train_loss']:.4g}")
 
-                    record = _run_one(config, w, algorithm, seed, out, bar.update, show, log)
+                    record = _run_one(config, w, algorithm, seed, out, bar.update, show, log, adapter)
                     results.append({**record, "provenance": origin})
                     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, out / "report.md")
+    if config.adapters:
+        from trainlab.lab.finetune import append_adapter_report
+
+        append_adapter_report(results, out / "report.md")
     write_plots(results, out)
     plot_train_losses(log.path, out)
     return results
@@ -153,6 +171,16 @@ def resolved_config(config: BenchConfig, workloads: Sequence[Workload]) -> dict[
         "schedule_options": dict(config.schedule_options or {}),
         "checkpoint_every": config.checkpoint_every,
         "runs": runs,
+        **(
+            {
+                "adapters": list(config.adapters),
+                "adapter_options": dict(config.adapter_options or {}),
+                "adapter_callbacks": dict(config.adapter_callbacks or {}),
+                "adapter_targets": config.adapter_targets,
+            }
+            if config.adapters
+            else {}
+        ),
     }
 
 
@@ -165,6 +193,7 @@ def _run_one(
     progress: Any,
     on_evaluation: Any = None,
     log: Any = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
     hp = resolve_hyperparameters(algorithm, workload, config.hyperparameters)
     steps = config.steps or local.default_steps(workload, algorithm, hp)
@@ -175,12 +204,21 @@ def _run_one(
         def make_scheduler(opt: Any) -> Any:
             return create_scheduler(config.schedule, opt, total_steps=steps, **dict(config.schedule_options or {}))
 
-    checkpoint = out / "checkpoints" / f"{workload.name}--{algorithm}--seed{seed}.pt"
+    make_trainer, loss_fn, name, adapted = local.make_trainer(workload, algorithm, hp, seed), None, algorithm, None
+    if adapter is not None:  # the adapter is attached to the runner's fresh model before its optimizer is built
+        from trainlab.lab.finetune import bench_adapter_run, bench_label
+
+        adapted, make_trainer = bench_adapter_run(workload, adapter, algorithm, hp, seed=seed, steps=steps,
+                                                  targets=config.adapter_targets, options=config.adapter_options,
+                                                  callbacks=config.adapter_callbacks)  # fmt: skip
+        loss_fn, make_scheduler = adapted.loss_fn, adapted.scheduler(make_scheduler)
+        name = bench_label(adapter, algorithm)
+    checkpoint = out / "checkpoints" / f"{workload.name}--{name}--seed{seed}.pt"
     reset_peak_rss()
     with EnergyMeter() as energy:  # the whole run (training, evaluations); package/GPU counters, or n/a
         result = train(
             workload,
-            local.make_trainer(workload, algorithm, hp, seed),
+            make_trainer,
             seed=seed,
             steps=steps,
             batch_size=local.batch_size(workload, algorithm),
@@ -189,8 +227,9 @@ def _run_one(
             checkpoint_every=config.checkpoint_every,
             resume=config.resume,
             progress=progress,
+            loss_fn=loss_fn,
             config={
-                "algorithm": algorithm,
+                "algorithm": name,
                 "hyperparameters": hp,
                 "schedule": config.schedule,
                 "schedule_options": dict(config.schedule_options or {}),
@@ -198,14 +237,20 @@ def _run_one(
             on_evaluation=on_evaluation,
         )
     if log is not None:
-        log.add(workload.name, algorithm, seed, result.train_losses)
+        log.add(workload.name, name, seed, result.train_losses)
     step_times = result.step_times_s
     peak_rss = peak_rss_bytes()
     batch = workload.make_batch(local.batch_size(workload, algorithm), batch_generator(seed, steps))
-    activations = local.activation_peak_bytes(workload, algorithm, hp, seed, batch)
+    if adapted is None:
+        activations = local.activation_peak_bytes(workload, algorithm, hp, seed, batch)
+    else:
+        from trainlab.lab.finetune import adapter_record
+
+        extra = adapter_record(adapted, adapter, batch)
+        activations = extra.pop("activation_peak_bytes")
     return {
         "workload": workload.name,
-        "algorithm": algorithm,
+        "algorithm": name,
         "seed": seed,
         "hyperparameters": {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()},
         "schedule": config.schedule or "constant",
@@ -230,6 +275,7 @@ def _run_one(
         "diverged": result.diverged,
         "diverged_at_step": result.diverged_at,
         "curve": [{k: _finite_or_none(v) for k, v in point.items()} for point in result.curve],
+        **(extra if adapted is not None else {}),
     }
 
 
