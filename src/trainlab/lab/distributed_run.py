@@ -284,7 +284,7 @@ def _in_sync(flat: torch.Tensor) -> bool:
     return bool(same.item())
 
 
-def _communication(ranked: _Ranked, steps: int) -> dict[str, Any]:
+def _communication(ranked: _Ranked) -> dict[str, Any]:
     model, hook = ranked.models[0], ranked.hooks[0]
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     if hook is None:
@@ -334,7 +334,7 @@ def _worker(setup: dict[str, Any]) -> None:
                         ranked = _Ranked(w, choice, seed)
                         record = _run_one(config, ranked.workload, algorithm, seed, Path(scratch) / label,
                                           lambda _n: None, None, _RelabelledLog(log, label))  # fmt: skip
-                        comm = _communication(ranked, record["steps"])
+                        comm = _communication(ranked)
                         if rank != 0:
                             continue
                         if config.progress:
