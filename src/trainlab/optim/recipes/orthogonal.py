@@ -84,6 +84,7 @@ def muon(
     nesterov: Annotated[bool, FLAG] = True,
     ns_steps: Annotated[int, integer_at_least(1)] = 5,
     ns_dtype: Annotated[torch.dtype | None, FloatingDtypeOrNone()] = None,
+    ns_compile: Annotated[bool, FLAG] = False,
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0,
     adamw_lr: Annotated[float, LR] = 3e-4,
     adamw_betas: Annotated[tuple[float, float], BETAS] = (0.9, 0.95),
@@ -103,6 +104,8 @@ def muon(
         ns_steps: Newton-Schulz iterations.
         ns_dtype: dtype of the Newton-Schulz iterations; None: float32 on the CPU, bfloat16 elsewhere
             (muon.py always iterates in bfloat16).
+        ns_compile: run the Newton-Schulz iteration through torch.compile (one compiled function per matrix
+            shape and dtype; eager, with a RuntimeWarning naming the reason, where compiling fails).
         weight_decay: decoupled weight decay of the matrices.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW of the other parameters.
         exclude: regular expression of parameter names that go to AdamW although they have 2+ dimensions

@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,7 +37,47 @@ def _ns_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else torch.bfloat16
 
 
-def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
+def _ns_loop(x: Tensor, steps: int) -> Tensor:
+    """The iteration on a normalized wide batch ``x`` (what :func:`newton_schulz` compiles): the same three
+    products as the eager loop, written without ``out=`` buffers so that ``torch.compile`` can trace it."""
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)
+    return x
+
+
+# (batch, rows, cols, dtype, device, steps) -> the compiled iteration; one compiled function per key, so a new
+# shape never recompiles (or hits torch.compile's recompile limit on) another's.
+_COMPILED: dict[tuple, Callable[[Tensor, int], Tensor]] = {}
+# the same keys -> why compiling failed; those shapes run eagerly (warned once per key).
+NS_COMPILE_FALLBACKS: dict[tuple, str] = {}
+
+
+def _compiled_loop(x: Tensor, steps: int) -> Tensor | None:
+    """The compiled iteration's result, or None (the reason in :data:`NS_COMPILE_FALLBACKS`) if it cannot
+    compile."""
+    key = (*x.shape, x.dtype, x.device.type, steps)
+    if key in NS_COMPILE_FALLBACKS:
+        return None
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(_ns_loop, dynamic=False, fullgraph=True)
+    try:
+        return fn(x, steps)
+    except Exception as err:  # no C compiler, an unsupported backend, ...: run eagerly and say why
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        NS_COMPILE_FALLBACKS[key] = reason
+        _COMPILED.pop(key, None)
+        warnings.warn(f"Newton-Schulz for shape {key[:3]} {key[3]} runs eagerly: torch.compile failed ({reason})",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        return None
+
+
+def newton_schulz(
+    g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None, compile: bool = False
+) -> Tensor:
     """Approximately orthogonalize ``g`` (shape ``(..., rows, cols)``; leading dims are a batch).
 
     Each matrix is divided by its Frobenius norm (so its spectral norm is at most 1), transposed to be
@@ -47,6 +88,10 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
     Each iteration is three (batched) matrix products into buffers allocated once: ``A = X Xᵀ``,
     ``B = bA + cA·A`` and ``X' = aX + B·X``, the scalings folded into the products (``baddbmm``) instead
     of five extra elementwise passes and as many temporaries.
+
+    ``compile=True`` runs the iteration through ``torch.compile`` (one compiled function per batch shape,
+    dtype, device and step count, compiled on first use); where compiling fails the iteration runs eagerly,
+    with a RuntimeWarning and the reason in :data:`NS_COMPILE_FALLBACKS`.
     """
     if g.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(g.shape)}")
@@ -58,6 +103,10 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
     x.div_(torch.linalg.matrix_norm(x, keepdim=True) + eps)
     batch_shape = x.shape[:-2]
     x = x.reshape(-1, *x.shape[-2:])
+    done = _compiled_loop(x, steps) if compile else None
+    if done is not None:
+        x = done.reshape(*batch_shape, *done.shape[-2:])
+        return (x.mT if tall else x).to(g.dtype)
     gram = x.new_empty(x.size(0), x.size(1), x.size(1))
     poly = torch.empty_like(gram)
     nxt = torch.empty_like(x)
@@ -120,11 +169,12 @@ class OrthogonalizeNewtonSchulz(GradientTransform):
     ``ns_steps`` iterations in ``ns_dtype`` (None: `_ns_dtype`'s choice, float32 on the CPU and bfloat16
     on accelerators; torch.bfloat16 is muon.py's precision and halves the CPU step time on CPUs with bf16
     dot products, AVX512-BF16 or AMX). Matrices of one shape are orthogonalized as one batched matmul, so
-    this transform is not per-parameter.
+    this transform is not per-parameter. ``ns_compile``: the iteration through ``torch.compile``
+    (:func:`newton_schulz`'s ``compile``; eager where compiling fails, with the reason).
     """
 
     name = "orthogonalize_newton_schulz"
-    hyperparameters = {"ns_steps": 5, "ns_dtype": None}
+    hyperparameters = {"ns_steps": 5, "ns_dtype": None, "ns_compile": False}
 
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
@@ -137,7 +187,9 @@ class OrthogonalizeNewtonSchulz(GradientTransform):
             by_shape.setdefault(tuple(m.shape), []).append(i)
         out: list[Tensor] = [torch.empty(0)] * len(mats)
         for idx in by_shape.values():
-            ortho = newton_schulz(torch.stack([mats[i] for i in idx]), group["ns_steps"], dtype=group["ns_dtype"])
+            stacked = torch.stack([mats[i] for i in idx])
+            compile = group.get("ns_compile", False)
+            ortho = newton_schulz(stacked, group["ns_steps"], dtype=group["ns_dtype"], compile=compile)
             for i, o in zip(idx, ortho.unbind(0), strict=True):
                 out[i] = reshard(o.reshape(whole[i].shape), layouts[i])
         return Scratch(out), state
