@@ -57,6 +57,18 @@ def posterior_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b, c
 
 
+def fused_adamw(params: list[nn.Parameter], **kw: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where the parameters' device has one (CPU and CUDA), else its foreach path.
+
+    Ten blocks hold 23x the parameters of the digits MLP: the unfused step was a fifth of NoProp's step time
+    (measured: 15.1 ms foreach vs 5.8 ms fused per AdamW step over its 604,470 parameters, one CPU thread).
+    """
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.AdamW(params, foreach=True, **kw)
+
+
 def _reset(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if hasattr(m, "reset_parameters"):
@@ -151,7 +163,7 @@ class NoProp(LocalTrainer):
         )
         self.network = NoPropNetwork(blocks, self.num_classes, self.steps, self.inference, features)
         self.predictor = self.network
-        return [torch.optim.AdamW(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True)]
+        return [fused_adamw(list(self.network.parameters()), lr=self.lr, weight_decay=self.weight_decay)]
 
     def noisy_embedding(self, t: int, u: torch.Tensor) -> torch.Tensor:
         """A sample of ``q(z_t | y) = N(√ᾱ_t u_y, (1 − ᾱ_t) I)``."""
