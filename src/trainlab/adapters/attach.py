@@ -20,6 +20,7 @@ from trainlab.adapters.layer import AdapterLayer, apply_permutations_, layer_typ
 from trainlab.adapters.registry import get_spec
 
 Target = str | type
+Loss = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def _matches(name: str, module: nn.Module, target: Target) -> bool:
@@ -80,18 +81,33 @@ def install_layers(
     return model
 
 
-def attach_(model: nn.Module, method: str, *, targets: Sequence[Target], **config: Any) -> nn.Module:
+def attach_(
+    model: nn.Module,
+    method: str,
+    *,
+    targets: Sequence[Target],
+    batches: Iterable[Any] | None = None,
+    loss: Loss | None = None,
+    **config: Any,
+) -> nn.Module:
     """Swap the matching layers of ``model`` itself for ``method`` adapter layers and freeze everything else.
 
     Returns ``model``. ``config`` overrides the method's paper defaults (see ``get_spec(method).fields``). S2FT with
-    ``couple=`` also co-permutes coupled channels of ``model`` (its function is unchanged).
+    ``couple=`` also co-permutes coupled channels of ``model`` (its function is unchanged); its data-based
+    selections (``selection="activation-large"``, ...) score the channels on ``batches`` with ``loss(model,
+    batch)`` here, since the selection decides the adapter's structure (other data-dependent inits: ``prepare``).
     """
     spec = get_spec(method)
     config = spec.resolve(config)
+    if (batches is None) != (loss is None):
+        raise ValueError("attach: batches= and loss= go together")
+    if batches is not None and spec.arrange is None:
+        raise ValueError(f"attach: {method} reads no data when attaching (batches=, loss=); use prepare() for its init")
     names = find_targets(model, method, targets)
     permutations: dict[str, dict[str, list[int]]] = {}
     if spec.arrange is not None:
-        layers, permutations = spec.arrange(model, names, config)
+        data = None if batches is None else (batches, loss)
+        layers, permutations = spec.arrange(model, names, config, data)
     elif spec.plan is not None:
         layers = spec.plan({n: weight_matrix(model.get_submodule(n)).detach() for n in names}, config)
     else:
@@ -99,10 +115,18 @@ def attach_(model: nn.Module, method: str, *, targets: Sequence[Target], **confi
     return install_layers(model, method, config, layers, permutations)
 
 
-def attach(model: nn.Module, method: str, *, targets: Sequence[Target], **config: Any) -> nn.Module:
+def attach(
+    model: nn.Module,
+    method: str,
+    *,
+    targets: Sequence[Target],
+    batches: Iterable[Any] | None = None,
+    loss: Loss | None = None,
+    **config: Any,
+) -> nn.Module:
     """A copy of ``model`` with ``method`` adapters on the layers ``targets`` selects; ``model`` is not changed."""
     get_spec(method).resolve(config)  # fail before copying a large model
-    return attach_(copy.deepcopy(model), method, targets=targets, **config)
+    return attach_(copy.deepcopy(model), method, targets=targets, batches=batches, loss=loss, **config)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -158,9 +182,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
-
-
-Loss = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def prepare(model: nn.Module, batches: Iterable[Any], *, loss: Loss) -> nn.Module:

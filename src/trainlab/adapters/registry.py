@@ -63,8 +63,9 @@ class AdapterSpec:
     global threshold); ``count(weight, config)`` is the trainable-parameter formula for one layer with base weight
     ``weight`` (out x in) and ``config`` merged with that layer's plan arguments; ``prepare`` names the data a
     separate ``adapters.prepare`` call needs (or None); ``callback`` is the class of the training callback (rank
-    pruning, progressive masks) or None; ``arrange(model, names, config)`` (optional, instead of ``plan``) may
-    reorder coupled channels of ``model`` in place without changing its function (S2FT's co-permutation) and returns
+    pruning, progressive masks) or None; ``arrange(model, names, config, data)`` (optional, instead of ``plan``;
+    ``data`` is None or ``(batches, loss)`` from ``attach(..., batches=, loss=)``) may reorder coupled channels of
+    ``model`` in place without changing its function (S2FT's co-permutation, its selection read from data) and returns
     ``(layer_kwargs by name, permutations)``, ``permutations`` mapping module names to ``{"rows"|"columns": order}``
     so that ``load_adapter`` can repeat them on the plain base model.
     """

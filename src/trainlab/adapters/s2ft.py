@@ -6,18 +6,33 @@ column c of ``down``; an attention head h is rows h·d..(h+1)·d of q, k, v and 
 ``couple="up,gate>down"`` (producers ``>`` consumers, ``:d`` for heads of width d, ``;`` between structures), every
 module holding those children is one structure. Per role (the targeted producers' rows, the targeted consumers'
 columns) ``int(ratio x units x structures)``-style random units are drawn from the pooled (structure, unit) set
-(S2FT-R), then each structure is co-permuted to [only rows, rows ∩ columns, only columns, rest] — the producers' rows
+(S2FT-R, ``selection="random"``, the fork's default) or the top-k by a score (``selection=``, below), then each
+structure is co-permuted to [only rows, rows ∩ columns, only columns, rest] — the producers' rows
 and the consumers' columns get the same order, so the network function is unchanged — and each targeted layer trains
 one contiguous dense block ``s2`` (zero at init): rows ``y[..., a:b] += x s2ᵀ``, columns
 ``y += x[..., a:b] s2ᵀ``. Merging adds ``s2`` into ``W[a:b]`` (or ``W[:, a:b]``): the paper's in-place update.
 Targets outside any structure fall back to k = round(ratio·n) random rows (or columns, ``side``) of their own; a
 Conv2d (groups 1) trains k whole output channels (rows) through a k-channel convolution.
 ratio 0.013 is the authors' LLaMA-7B FFN setting (``u_ratio = d_ratio``).
+
+Selection (the paper's ablation compares random with weight-, activation-, scaled- and gradient-based choices of the
+largest or the smallest units): ``"<score>-large"`` / ``"<score>-small"`` take the k units with the largest /
+smallest score, pooled over the structures like the random draw, where for unit u (a channel, or a head's d
+channels) and a role's matrices (the producers for rows, the consumers for columns):
+
+- ``weight``: Σ ‖W[u]‖²_F over the role's matrices (rows u of each producer, columns u of each consumer);
+- ``activation``: the RMS of the unit's activation, the first consumer's input on the data,
+  ``sqrt(mean over samples of Σ_{c∈u} x_c²)`` (one score for both roles);
+- ``scaled``: ``sqrt(weight) x activation`` (the weight scaled by its input, Wanda-style);
+- ``gradient``: Σ ‖Ḡ[u]‖²_F of the mean gradient Ḡ of the role's matrices over the data.
+
+Activation, scaled and gradient scores read data at attach time: ``attach(model, "s2ft", ..., batches=..., loss=...)``
+(the selection decides the structure, so it cannot wait for ``prepare``). Non-random selections need ``couple=``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +59,7 @@ class S2FTLayer(AdapterLayer):
         ratio: float,
         side: str,
         couple: str = "",
+        selection: str = "random",
         rows: Sequence[int] | None = None,
         columns: Sequence[int] | None = None,
     ) -> None:
@@ -161,12 +177,23 @@ def _structures(model: nn.Module, text: str) -> list[tuple[list[str], list[str],
     return found
 
 
-def _draw(units: list[int], ratio: float) -> list[torch.Tensor]:
-    """Random units per structure, drawn from the pooled (structure, unit) set (the fork's selection)."""
+SCORES = ("weight", "activation", "scaled", "gradient")
+SELECTIONS = ("random", *(f"{score}-{end}" for score in SCORES for end in ("large", "small")))
+Data = tuple[Iterable[Any], Callable[[nn.Module, Any], torch.Tensor]]
+
+
+def _draw(units: list[int], ratio: float, scores: list[torch.Tensor] | None = None, largest: bool = True):
+    """Units per structure from the pooled (structure, unit) set: at random (the fork's selection), or the top-k of
+    ``scores`` (one tensor per structure; ties go to the lower pooled index)."""
     total = sum(units)
     if not total:
         return [torch.zeros(0, dtype=torch.long) for _ in units]
-    picked = torch.randperm(total)[: selected_count(total, ratio)]
+    k = selected_count(total, ratio)
+    if scores is None:
+        picked = torch.randperm(total)[:k]
+    else:
+        pooled = torch.cat([sc.double().cpu()[:n] for sc, n in zip(scores, units, strict=True)])
+        picked = torch.sort(pooled, descending=largest, stable=True).indices[:k]
     offsets = torch.tensor([0, *units]).cumsum(0)
     return [
         picked[(picked >= lo) & (picked < hi)].sort().values - lo
@@ -174,13 +201,110 @@ def _draw(units: list[int], ratio: float) -> list[torch.Tensor]:
     ]
 
 
+def _unit_norms(matrix: torch.Tensor, unit: int) -> torch.Tensor:
+    """Σ of squares over each unit's ``unit`` consecutive rows of ``matrix``."""
+    return matrix.detach().double().pow(2).sum(1).view(-1, unit).sum(1)
+
+
+def _data_scores(
+    model: nn.Module, structures: list[tuple[list[str], list[str], int]], selection: str, data: Data | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per structure: activation RMS per unit, and the mean gradient's unit norms for rows and for columns."""
+    if data is None:
+        raise ValueError(
+            f"s2ft: selection={selection!r} scores channels on data: pass batches= and loss= to attach "
+            "(weight-* and random selections need none)"
+        )
+    batches, loss = data
+    consumers = [model.get_submodule(c[0]) for _, c, _ in structures]
+    squares: list[torch.Tensor | float] = [0.0] * len(structures)
+    counts = [0] * len(structures)
+
+    def hook(i: int) -> Callable[..., None]:
+        def record(_: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().double()
+            squares[i] = squares[i] + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            counts[i] += x.reshape(-1, x.shape[-1]).shape[0]
+
+        return record
+
+    names = list(dict.fromkeys(n for p, c, _ in structures for n in p + c))
+    modules = [model.get_submodule(n) for n in names]
+    weights = [m.weight for m in modules]  # the leaves (a Conv1D's matrix is their transpose)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(consumers)]
+    seen = 0
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for batch in batches:
+            for s_, g in zip(sums, torch.autograd.grad(loss(model, batch), weights, allow_unused=True), strict=True):
+                if g is not None:
+                    s_.add_(g.double())
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    if not seen or not all(counts):
+        raise ValueError("s2ft: the selection data gave no batch (or never reached a coupled structure's consumer)")
+    grads = {
+        n: (s_.T if layer_type(m) == "conv1d" else s_) / seen for n, m, s_ in zip(names, modules, sums, strict=True)
+    }
+    activation, rows, cols = [], [], []
+    for (producers, consumers_, unit), sq, n in zip(structures, squares, counts, strict=True):
+        activation.append((sq / n).view(-1, unit).sum(1).sqrt())
+        rows.append(sum(_unit_norms(grads[p], unit) for p in producers))
+        cols.append(sum(_unit_norms(grads[c].T, unit) for c in consumers_))
+    return activation, rows, cols
+
+
+def _scores(
+    model: nn.Module, structures: list[tuple[list[str], list[str], int]], selection: str, data: Data | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """(row scores, column scores) per structure for ``selection``, or None for a random draw."""
+    if selection == "random":
+        return None
+    score = selection.rpartition("-")[0]
+
+    def weights(side: int) -> list[torch.Tensor]:
+        out = []
+        for structure in structures:
+            mats = [weight_matrix(model.get_submodule(n)) for n in structure[side]]
+            out.append(sum(_unit_norms(m if side == 0 else m.T, structure[2]) for m in mats))
+        return out
+
+    if score == "weight":
+        return weights(0), weights(1)
+    activation, grad_rows, grad_cols = _data_scores(model, structures, selection, data)
+    if score == "activation":
+        return activation, activation
+    if score == "gradient":
+        return grad_rows, grad_cols
+    return (
+        [w.sqrt() * a for w, a in zip(weights(0), activation, strict=True)],
+        [w.sqrt() * a for w, a in zip(weights(1), activation, strict=True)],
+    )
+
+
 def s2ft_arrange(
-    model: nn.Module, names: list[str], config: Mapping[str, Any]
+    model: nn.Module, names: list[str], config: Mapping[str, Any], data: Data | None = None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[int]]]]:
-    """Select coupled units, co-permute ``model``'s structures in place, give each targeted layer its block."""
+    """Select coupled units (``config["selection"]``; ``data`` = (batches, loss) for the data-based scores),
+    co-permute ``model``'s structures in place, give each targeted layer its block."""
     layers: dict[str, dict[str, Any]] = {n: {} for n in names}
     permutations: dict[str, dict[str, list[int]]] = {}
     if not config["couple"]:
+        if config["selection"] != "random":
+            raise ValueError(
+                f"s2ft: selection={config['selection']!r} scores coupled units; name the structures with couple= "
+                "(layers outside any structure draw their rows or columns at random)"
+            )
         return layers, permutations
     targeted = set(names)
     structures = _structures(model, config["couple"])
@@ -190,11 +314,19 @@ def s2ft_arrange(
         if n % unit:
             raise ValueError(f"s2ft: {producers[0]} has {n} outputs, not a multiple of the unit width {unit}")
         widths.append(n // unit)
+    scores = _scores(model, structures, config["selection"], data)
+    largest = config["selection"].endswith("-large")
     rows = _draw(
-        [u if targeted & set(p) else 0 for (p, _, _), u in zip(structures, widths, strict=True)], config["ratio"]
+        [u if targeted & set(p) else 0 for (p, _, _), u in zip(structures, widths, strict=True)],
+        config["ratio"],
+        None if scores is None else scores[0],
+        largest,
     )
     cols = _draw(
-        [u if targeted & set(c) else 0 for (_, c, _), u in zip(structures, widths, strict=True)], config["ratio"]
+        [u if targeted & set(c) else 0 for (_, c, _), u in zip(structures, widths, strict=True)],
+        config["ratio"],
+        None if scores is None else scores[1],
+        largest,
     )
     for (producers, consumers, unit), count, r, c in zip(structures, widths, rows, cols, strict=True):
         in_rows, in_cols = torch.zeros(count, dtype=torch.bool), torch.zeros(count, dtype=torch.bool)
@@ -237,6 +369,7 @@ register_adapter(
             "ratio": Field(0.013, 0.0, 1.0),
             "side": Field("rows", choices=("rows", "columns")),
             "couple": Field("", text=True),
+            "selection": Field("random", choices=SELECTIONS),
         },
         layer_class=S2FTLayer,
         layer_types=("linear", "conv1d", "conv2d"),

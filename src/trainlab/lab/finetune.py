@@ -98,11 +98,12 @@ class AdapterRun:
         self.model = model
         if self.method is None:
             return model
-        adapters.attach_(model, self.method, targets=self.targets, **self.config)
         batches = [
             self.workload.make_batch(self.prepare_batch_size, batch_generator(self.seed + PREPARE_SEED_OFFSET, i))
             for i in range(self.prepare_batches)
         ]
+        data = {"batches": batches, "loss": self.workload.loss} if adapters.get_spec(self.method).arrange else {}
+        adapters.attach_(model, self.method, targets=self.targets, **data, **self.config)
         adapters.prepare(model, batches, loss=self.workload.loss)
         spec = adapters.get_spec(self.method)
         options = dict(self.callback_options)
