@@ -10,9 +10,17 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from trainlab.lab.bench import BenchConfig
-from trainlab.lab.distributed_run import CommChoice, free_port, launch_bench, parse_compressors, torchrun_command
+from trainlab.lab.distributed_run import (
+    CommChoice,
+    free_port,
+    launch_bench,
+    parse_compressors,
+    shard_batch,
+    torchrun_command,
+)
 from trainlab.lab.workloads import get_workload
 
 pytestmark = pytest.mark.slow
@@ -123,6 +131,18 @@ def test_compressor_specs_are_checked_before_launch(specs, match):
         parse_compressors(specs, world_size=2)
 
 
+def test_shard_batch_gives_each_rank_its_contiguous_part():
+    x, y = torch.arange(12).reshape(6, 2), torch.arange(6)
+    parts = [shard_batch((x, y), r, 3) for r in range(3)]
+    assert all(isinstance(p, tuple) for p in parts)
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert torch.equal(shard_batch(y, 1, 2), y[3:])
+    with pytest.raises(ValueError, match="does not split over 4 ranks"):
+        shard_batch((x, y), 0, 4)
+    with pytest.raises(ValueError, match="one is a dict"):
+        shard_batch({"x": x}, 0, 2)
+
+
 def test_compressor_specs_parse_names_feedback_and_options():
     got = parse_compressors(["allreduce,count-sketch", "topk-ef21-w:ratio=0.05:smoothness=[1,3],sign-ef"], 2)
     assert got == [
@@ -143,6 +163,8 @@ def test_launcher_refuses_resume_and_bad_sizes_and_builds_torchrun_commands(tmp_
         launch_bench(config, nproc=1, nnodes=2, node_rank=2)
     with pytest.raises(ValueError, match="local method"):
         launch_bench(BenchConfig(workloads=["digits-mlp"], algorithms=["forward-forward"], out=tmp_path), nproc=2)
+    with pytest.raises(ValueError, match="sbm-gnn: --nproc splits batches of tensors"):
+        launch_bench(BenchConfig(workloads=["sbm-gnn"], algorithms=["sgd"], out=tmp_path), nproc=2)
     with pytest.raises(ValueError, match="master-addr"):
         torchrun_command(tmp_path / "s.pkl", 1, nnodes=2)
     assert "--standalone" in torchrun_command(tmp_path / "s.pkl", 2)

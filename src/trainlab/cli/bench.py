@@ -229,16 +229,20 @@ def _run_distributed(args: argparse.Namespace, config: Any) -> int:
 
     if args.model is not None or args.data is not None:
         raise ValueError("--nproc runs registered workloads; register yours in a module and pass --import")
-    results = launch_bench(
-        config,
-        nproc=args.nproc,
-        compressors=args.compressor or [PLAIN],
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        imports=args.imports,
-    )
+    try:
+        results = launch_bench(
+            config,
+            nproc=args.nproc,
+            compressors=args.compressor or [PLAIN],
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            imports=args.imports,
+        )
+    except RuntimeError as err:  # a rank failed: its traceback is above, torchrun stopped the others
+        print(f"trainlab bench: {err}", file=sys.stderr)
+        return 1
     if results is None:
         print(f"node {args.node_rank}: done (node 0 writes the outputs)")
         return 0

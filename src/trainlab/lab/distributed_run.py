@@ -34,11 +34,12 @@ from typing import Any
 
 import torch
 
+from trainlab.lab import local
 from trainlab.lab.bench import BenchConfig, resolved_config, validate
 from trainlab.lab.workloads import Workload
-from trainlab.runtime import atomic_path
+from trainlab.runtime import atomic_path, batch_generator
 
-__all__ = ["CommChoice", "free_port", "launch_bench", "parse_compressors", "torchrun_command"]
+__all__ = ["CommChoice", "free_port", "launch_bench", "parse_compressors", "shard_batch", "torchrun_command"]
 
 PLAIN = "allreduce"
 _FEEDBACK_SUFFIXES = ("ef21-w", "ef21", "ef")  # longest first: "topk-ef21-w" ends with "-w", not "-ef21"
@@ -183,15 +184,12 @@ def launch_bench(
         raise ValueError("--resume is not supported with --nproc (the ranks keep no checkpoints)")
     world = nproc * nnodes
     choices = parse_compressors(compressors, world)
-    from trainlab.lab import local
-
     for algorithm in config.algorithms:
         if local.is_local(algorithm):
             raise ValueError(f"--nproc trains with an optimizer under DDP; {algorithm!r} is a local method")
     workloads = validate(config)
-    for w in workloads:
-        if w.batch_size % world:
-            raise ValueError(f"{w.name}'s batch size {w.batch_size} does not split over {world} ranks")
+    for w in workloads:  # one batch drawn here (the runner draws it too) shows whether it can be split
+        shard_batch(w.make_batch(w.batch_size, batch_generator(0, 0)), 0, world, w.name)
     out = Path(config.out)
     setup = {"config": config, "choices": choices, "imports": list(imports), "origin": None}
     if node_rank == 0:
@@ -218,7 +216,7 @@ def launch_bench(
                 proc.kill()
             raise
     if code != 0:
-        raise RuntimeError(f"torchrun exited with status {code}: {' '.join(cmd)}")
+        raise RuntimeError(f"torchrun exited with status {code} (the failing rank's error is above): {' '.join(cmd)}")
     return json.loads((out / "results.json").read_text()) if node_rank == 0 else None
 
 
@@ -255,18 +253,25 @@ class _Ranked:
         return ddp
 
     def make_batch(self, batch_size: int, generator: torch.Generator) -> Any:
-        full = self.inner.make_batch(batch_size, generator)
-        parts = full if isinstance(full, tuple | list) else (full,)
-        if not all(isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == parts[0].shape[0] for t in parts):
-            raise TypeError(f"{self.inner.name}: --nproc shards batches of tensors along dim 0; this batch is not one")
-        n = parts[0].shape[0]
-        if n % self.world:
-            raise ValueError(f"{self.inner.name}: a batch of {n} does not split over {self.world} ranks")
-        shard = [t[self.rank * n // self.world : (self.rank + 1) * n // self.world] for t in parts]
-        return type(full)(shard) if isinstance(full, tuple | list) else shard[0]
+        return shard_batch(self.inner.make_batch(batch_size, generator), self.rank, self.world, self.inner.name)
 
     def evaluate(self, model: torch.nn.Module) -> float:
         return self.inner.evaluate(getattr(model, "module", model))
+
+
+def shard_batch(batch: Any, rank: int, world: int, name: str = "batch") -> Any:
+    """Rank ``rank``'s contiguous 1/``world`` of a batch (a tensor, or a tuple/list of tensors of one length)."""
+    parts = batch if isinstance(batch, tuple | list) else (batch,)
+    if not all(isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == parts[0].shape[0] for t in parts):
+        raise ValueError(
+            f"{name}: --nproc splits batches of tensors along dim 0 over the ranks; this one is a "
+            f"{type(batch).__name__}"
+        )
+    n = parts[0].shape[0]
+    if n % world:
+        raise ValueError(f"{name}: a batch of {n} does not split over {world} ranks")
+    shard = [t[rank * n // world : (rank + 1) * n // world] for t in parts]
+    return type(batch)(shard) if isinstance(batch, tuple | list) else shard[0]
 
 
 def _flat_params(model: torch.nn.Module) -> torch.Tensor:
