@@ -11,11 +11,17 @@ symmetric per channel) and run as:
 * ``cache``: QuantizedLinear(mode="cache"), dequantized once (float32 memory);
 * ``kernel``: QuantizedLinear(mode="auto") in the float32 model (each layer casts to bfloat16 and back);
 * ``kernel, bf16 model``: the same modules with the rest of the model in bfloat16 (no casts);
+* ``per channel``: the same bits with one scale per output channel (no groups), run as ``kernel`` and as
+  ``dynamic`` (QuantizedLinear(mode="dynamic"): ``torch._int_mm`` on activations quantized to int8 per row at each
+  call, an opt-in mode that adds activation rounding error; the ``cos`` column shows how much);
 * ``torchao int4``: torchao's CPU int4 weight-only path (``PrototypeInt4WeightOnlyConfig``, Int4OpaqueTensor on
   the same ``_weight_int4pack_mm_for_cpu``; group 128) on the bfloat16 model, as torchao documents it.
 
 Times are medians of interleaved repeats (one call of each variant per round), reported as ratios to float32 in
-the same run; "weights MB" is the bytes of the model's parameters and buffers (packed codes, scales, caches).
+the same run; "weights MB" is the bytes of the model's parameters and buffers (packed codes, scales, caches, and
+each QuantizedLinear's packed weight, which it keeps for saving). MiniLM tables add ``min cos``: the smallest
+cosine similarity between a token's output vector and float32's (1.0 = identical). ``--profile`` adds where the
+time of one batch-1 forward goes (torch.profiler, self CPU time by operator class) for float32 and the kernel.
 
     python benchmarks/quantized_inference.py --threads 1 --out benchmarks/results/quantized_inference-1t.md
 """
@@ -33,6 +39,7 @@ from collections.abc import Callable
 import torch
 from report import publish  # benchmarks/report.py
 from torch import nn
+from torch.nn import functional as F
 
 from trainlab.compress import compress
 from trainlab.compress.quantized_linear import QuantizedLinear
@@ -74,8 +81,8 @@ def torchao_int4(model: nn.Module) -> nn.Module | str:
 
 def variants(model: nn.Module, bits: int, with_torchao: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
     layers = [(n, "rtn", bits) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    result = compress(model, layers, group_size=128 if bits == 4 else None)
-    kernel = result.runtime_model("auto")
+    result = compress(model, layers, group_size=128 if bits == 4 else None)  # QuantizedLinear, mode "auto"
+    kernel = result.model
     kernels = sorted({m.kernel for m in kernel.modules() if isinstance(m, QuantizedLinear)})
     out = {
         "float32": model,
@@ -85,6 +92,10 @@ def variants(model: nn.Module, bits: int, with_torchao: bool) -> tuple[dict[str,
         f"kernel ({'/'.join(kernels)})": kernel,
         "kernel, bf16 model": copy.deepcopy(kernel).bfloat16(),
     }
+    channel = result if bits == 8 else compress(model, layers)  # one scale per output channel
+    if bits == 4:
+        out["kernel, per channel"] = channel.model
+    out["dynamic int8 activations, per channel"] = channel.runtime_model("dynamic")
     notes = {}
     if with_torchao and bits == 4:
         ao = torchao_int4(model)
@@ -131,12 +142,54 @@ def generate(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.Tensor:
     return idx
 
 
-def table(title: str, unit: str, rate: float, times: dict[str, float], models: dict[str, nn.Module]) -> list[str]:
+def table(
+    title: str, unit: str, rate: float, times: dict[str, float], models: dict[str, nn.Module], cos: dict | None = None
+) -> list[str]:
     base = times["float32"]
-    lines = [f"### {title}", "", f"| variant | {unit} | time / float32 | weights MB |", "|---|---|---|---|"]
+    extra = " min cos |" if cos else ""
+    lines = [f"### {title}", "", f"| variant | {unit} | time / float32 | weights MB |{extra}", "|---|---|---|---|"]
+    lines[-1] += "---|" if cos else ""
     for name, t in times.items():
-        lines.append(f"| {name} | {rate / t:,.0f} | {t / base:.2f} | {weight_bytes(models[name]) / 2**20:.1f} |")
+        row = f"| {name} | {rate / t:,.0f} | {t / base:.2f} | {weight_bytes(models[name]) / 2**20:.1f} |"
+        lines.append(row + (f" {cos[name]:.4f} |" if cos else ""))
     return lines + [""]
+
+
+def min_cosine(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    ref = outputs["float32"].flatten(0, -2).float()
+    return {k: float(F.cosine_similarity(v.flatten(0, -2).float(), ref, dim=-1).min()) for k, v in outputs.items()}
+
+
+CLASSES = {  # operator -> class, for the profile
+    "aten::addmm": "matmul",
+    "aten::mm": "matmul",
+    "aten::_weight_int4pack_mm_for_cpu": "matmul",
+    "aten::_weight_int8pack_mm": "matmul",
+    "aten::_int_mm": "matmul",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::gelu": "gelu",
+    "aten::native_layer_norm": "layer norm",
+    "aten::copy_": "casts and copies",
+    "aten::_to_copy": "casts and copies",
+    "aten::add": "adds (bias, residual)",
+    "aten::embedding": "embedding",
+    "aten::index_select": "embedding",
+}
+
+
+def profile_shares(call: Callable[[], object], repeats: int = 5) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            call()
+    shares: dict[str, float] = {}
+    for e in prof.key_averages():
+        cls = CLASSES.get(e.key, "other (views, reshapes, dispatch)")
+        shares[cls] = shares.get(cls, 0.0) + e.self_cpu_time_total
+    total = sum(shares.values())
+    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
 
 
 def main() -> None:
@@ -146,6 +199,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=32, help="MiniLM tokens per sequence")
     p.add_argument("--new", type=int, default=16, help="pylm bytes generated")
     p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--profile", action="store_true", help="add the batch-1 profile of float32 and the kernel")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,9 +224,17 @@ def main() -> None:
                 calls = {
                     k: lambda m=m, ids=ids, mask=mask: m(input_ids=ids, attention_mask=mask) for k, m in models.items()
                 }
+                cos = min_cosine({k: fn().last_hidden_state for k, fn in calls.items()})
                 times = timed(calls, args.repeats)
+                if args.profile and batch == 1 and bits == 4:
+                    kernel = next(k for k in calls if k.startswith("kernel ("))
+                    profiles = {k: profile_shares(calls[k]) for k in ("float32", kernel)}
             title = f"MiniLM-L6 forward, {bits}-bit, batch {batch} x {args.seq} tokens"
-            lines += table(title, "tokens/s", batch * args.seq, times, models)
+            lines += table(title, "tokens/s", batch * args.seq, times, models, cos)
+            if args.profile and batch == 1 and bits == 4:
+                lines += [f"Profile of one batch-1 forward ({args.seq} tokens), share of self CPU time:", ""]
+                lines += [f"- {k}: " + ", ".join(f"{c} {v:.0%}" for c, v in p.items()) for k, p in profiles.items()]
+                lines += [""]
         lines += [f"- {k}: {v}" for k, v in notes.items()]
         models, notes = variants(lm, bits, not args.no_torchao)
         prompt = torch.randint(0, 256, (1, 64))

@@ -95,3 +95,32 @@ def test_pruned_and_quantized_layers_keep_their_zeros_on_the_kernel():
     pruned = result.float_model()[0].weight.detach().T == 0
     assert float(pruned.float().mean()) >= 0.5
     assert (fast(x) - fast[0].bias)[pruned].abs().max() == 0
+
+
+def test_dynamic_mode_quantizes_activations_per_row_and_is_opt_in():
+    torch.manual_seed(0)
+    q = quantize_rtn(torch.randn(48, 96), 4)  # per channel: q - z fits int8, the weight is exact
+    layer = QuantizedLinear(q, torch.randn(48), mode="dynamic")
+    assert layer.kernel == "int8-dynamic" and "per row" in layer.reason
+    assert QuantizedLinear(q).kernel == "int4"  # auto never takes it: it adds activation error
+    x = torch.randn(2, 5, 96)
+    x[0, 0] = 0  # an all-zero row: its step is clamped, its output is the bias
+    y = layer(x)
+    flat = x.reshape(-1, 96)
+    step = flat.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    seen = torch.round(flat / step).double() * step.double()  # the int8 activations the kernel multiplies
+    w = q.dequantize(torch.float64)
+    ref = seen @ w.T + layer.bias.double()
+    scale = seen.abs() @ w.abs().T + layer.bias.double().abs()
+    err = (y.reshape(-1, 48).double() - ref).abs()
+    assert (err <= 2**-21 * scale + 1e-7).all(), float(err.max())  # int32 -> float32, two products, the bias add
+    assert torch.equal(y[0, 0], layer.bias)
+    # against the unquantized activations: half a step per input, times sum |w| of the output
+    exact = flat.double() @ w.T + layer.bias.double()
+    bound = 0.5 * step.double() * w.abs().sum(1) + 2**-21 * scale + 1e-7
+    assert ((y.reshape(-1, 48).double() - exact).abs() <= bound).all()
+    with pytest.raises(ValueError, match="per-channel int8 codes"):
+        QuantizedLinear(quantize_rtn(torch.randn(48, 96), 4, group_size=32), mode="dynamic")
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    fast = compress(model, [(".*", "rtn", 8)], runtime="dynamic").model
+    assert [fast[i].kernel for i in (0, 2)] == ["int8-dynamic", "int8-dynamic"]
