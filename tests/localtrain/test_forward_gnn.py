@@ -55,7 +55,7 @@ def test_each_layer_loss_is_virtual_node_cross_entropy_on_its_detached_input():
     for l, (w, b) in enumerate(weights):
         w, b = w.requires_grad_(), b.requires_grad_()
         h = torch.sparse.mm(a, row_normalize(x) @ w.T + b)
-        h = torch.relu(h) if l == 0 else h
+        h = torch.relu(h)  # every layer, as the official code's conv + ReLU
         logits = h[train] @ h[-2:].T / 0.5
         grads = torch.autograd.grad(F.cross_entropy(logits, labels[train]), [w, b])
         conv = (model.conv1, model.conv2)[l]
@@ -102,3 +102,36 @@ def test_greedy_schedule_trains_one_layer_at_a_time():
         trainer.step((features, adjacency), labels)
         trained.append([conv.linear.weight.grad is not None for conv in (model.conv1, model.conv2)])
     assert trained == [[True, False], [True, False], [False, True], [False, True]]
+
+
+def test_top_down_input_is_a_convolution_of_the_layer_above_and_the_labels():
+    """Step 2 of the top-down variant: layer l sees [x̂_below, t̂_above] through one GCN convolution (the top
+    layer's t is the label signal: one-hot for labelled and virtual nodes, 1/C for the others)."""
+    torch.manual_seed(0)
+    model = _GNN()
+    adjacency, labels = _graph()
+    features = torch.randn(5, 3, dtype=torch.float64)
+    trainer = ForwardGNN(model, num_classes=2, variant="top-down", lr=1e-3, temperature=1.0, steps_per_layer=0, seed=0)
+    trainer.prepare((features, adjacency))
+    assert [tuple(d.weight.shape) for d in trainer.top_down] == [(4, 2), (2, 2)]  # from layer 2's width, from C
+    trainer.step((features, adjacency), labels)
+    previous = [t.clone() for t in trainer._previous]
+    signal = torch.tensor([[1, 0], [0.5, 0.5], [0, 1], [0, 1], [0.5, 0.5], [1, 0], [0, 1]], dtype=torch.float64)
+    torch.testing.assert_close(previous[-1], signal)
+    convs = (model.conv1, model.conv2)
+    params = [(c.linear.weight.detach().clone(), c.linear.bias.detach().clone(), d.weight.detach().clone())
+              for c, d in zip(convs, trainer.top_down, strict=True)]  # fmt: skip
+    trainer.step((features, adjacency), labels)
+    a = augment_with_virtual_nodes(adjacency, labels, 2).double().to_dense()
+    x = torch.cat([features, trainer.virtual])
+    train = torch.tensor([0, 2, 3])
+    for l, (w, b, d) in enumerate(params):
+        w, b, d = (t.requires_grad_() for t in (w, b, d))
+        joined = torch.cat([row_normalize(x), row_normalize(previous[l])], dim=1)
+        h = torch.relu(a @ (joined @ torch.cat([w, d], dim=1).T + b))
+        loss = F.cross_entropy(h[train] @ h[-2:].T, labels[train])
+        grads = torch.autograd.grad(loss, [w, b, d])
+        trained = (convs[l].linear.weight, convs[l].linear.bias, trainer.top_down[l].weight)
+        for got, want in zip(trained, grads, strict=True):
+            torch.testing.assert_close(got.grad, want, rtol=1e-10, atol=1e-12)
+        x = h.detach()

@@ -7,6 +7,8 @@ Activation bytes are measured (SavedTensorMeter: the peak of tensors autograd ho
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +21,8 @@ from trainlab.claims.registry import ClaimResult, register_claim
 from trainlab.lab import local
 from trainlab.lab.bench import resolve_hyperparameters
 from trainlab.lab.runner import train
-from trainlab.lab.workloads import get_workload
+from trainlab.lab.workloads import Workload, get_workload
+from trainlab.lab.workloads.sbm import GCN
 from trainlab.localtrain import eggroll, forward_forward, forward_gnn, gbnn, mono_forward, noprop
 from trainlab.memory.allocations import PeakTensorMeter
 from trainlab.runtime import batch_generator
@@ -32,15 +35,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _runs(
-    workload_name: str, algorithm: str, steps: int | None = None, batch_size: int | None = None, **overrides: Any
+    workload_name: str | Workload,
+    algorithm: str,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seeds: Sequence[int] = SEEDS,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Final accuracy, training wall time and measured activation bytes of ``algorithm`` over five seeds."""
-    workload = get_workload(workload_name)
+    workload = get_workload(workload_name) if isinstance(workload_name, str) else workload_name
     hp = resolve_hyperparameters(algorithm, workload, {algorithm: overrides})
     steps = steps or local.default_steps(workload, algorithm, hp)
     batch_size = batch_size or local.batch_size(workload, algorithm)
     accuracy, wall, activations = [], [], []
-    for seed in SEEDS:
+    for seed in seeds:
         result = train(
             workload, local.make_trainer(workload, algorithm, hp, seed), seed=seed, steps=steps, batch_size=batch_size
         )
@@ -49,7 +57,7 @@ def _runs(
         accuracy.append(result.final_metric)
         wall.append(result.wall_time_s)
     return {
-        "accuracy (mean, std)": _mean_std(accuracy),
+        "accuracy (mean, std)": _mean_std(accuracy) if len(accuracy) > 1 else (accuracy[0], 0.0),
         "wall time s (mean)": round(statistics.fmean(wall), 2),
         "activation peak bytes": max(activations),
         "steps": steps,
@@ -100,24 +108,49 @@ def forward_forward_digits() -> ClaimResult:
     )
 
 
+GNN_STEPS = (100, 200, 400)
+
+
 @register_claim(
     "forward-gnn/sbm-near-backprop-gcn",
     method="forward-gnn",
     paper=forward_gnn.PAPER,
     promise="ForwardGNN (single-forward) is within 3 points of a backprop-trained GCN on sbm-gnn",
     fast=False,
+    rule="backprop mean accuracy minus single-forward mean accuracy <= 3 points (5 seeds)",
+    weaker="validation accuracy, on the split that also picked each method's step budget (the paper early-stops "
+    "on validation and reports test accuracy); the top-down variant is measured, not part of the rule",
 )
 def forward_gnn_sbm() -> ClaimResult:
-    # The paper trains each layer for up to 1000 epochs; here both layers share 400 steps (200 each in the
-    # spec's CPU check), backprop keeps the workload's 100 (it overfits the 200 training nodes past that).
-    sf = _runs("sbm-gnn", "forward-gnn", steps=400)
-    top_down = _runs("sbm-gnn", "forward-gnn", steps=400, variant="top-down")
-    bp = _runs("sbm-gnn", "backprop")
+    # The paper's setting (official scripts): ForwardGNN's layers all have the hidden width (its predictions come
+    # from the similarity to the virtual nodes), backprop's GCN ends in a C-wide layer; both are early-stopped
+    # on validation. Here: the workload's two graph convolutions, 32 -> 64 -> 64 for ForwardGNN and
+    # 32 -> 64 -> 5 for backprop, and each method's step budget (in place of early stopping) picked by the same
+    # rule: the best final validation accuracy on seed 0 among GNN_STEPS, then five seeds at that budget.
+    workload = get_workload("sbm-gnn")
+    embedding = dataclasses.replace(workload, make_model=functools.partial(GCN, 32, 64, 64))
+    runs = {
+        "single-forward": lambda **kw: _runs(embedding, "forward-gnn", **kw),
+        "top-down": lambda **kw: _runs(embedding, "forward-gnn", variant="top-down", **kw),
+        "backprop": lambda **kw: _runs(workload, "backprop", **kw),
+    }
+    results = {}
+    for name, run in runs.items():
+        by_steps = {steps: run(steps=steps, seeds=[0])["accuracy (mean, std)"][0] for steps in GNN_STEPS}
+        best = max(by_steps, key=by_steps.get)
+        results[name] = {**run(steps=best), "seed-0 accuracy by steps": by_steps}
+    sf, top_down, bp = results["single-forward"], results["top-down"], results["backprop"]
     gap = bp["accuracy (mean, std)"][0] - sf["accuracy (mean, std)"][0]
+    gap_td = bp["accuracy (mean, std)"][0] - top_down["accuracy (mean, std)"][0]
     return ClaimResult(
-        measured={**sf, "top-down variant": top_down, "gap to backprop (points)": round(100 * gap, 2)},
+        measured={
+            **sf,
+            "gap to backprop (points)": round(100 * gap, 2),
+            "top-down variant": {**top_down, "gap to backprop (points)": round(100 * gap_td, 2)},
+        },
         baseline=bp,
         passed=gap <= 0.03,
+        note="ForwardGNN on 32-64-64 graph convolutions (the paper's hidden-width layers), backprop on 32-64-5",
     )
 
 
@@ -160,21 +193,33 @@ def _es_run(rank: int, lr: float, seed: int, generations: int = 200) -> tuple[fl
     return loss, {"noise bytes per generation": noise, "peak tensor bytes per generation": meter.peak_bytes}
 
 
+ES_LRS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6)
+
+
 @register_claim(
     "eggroll/rank16-near-full-rank-es",
     method="eggroll",
     paper=eggroll.PAPER,
     promise="rank-16 EGGROLL reaches within 10% of full-rank ES loss while drawing a fraction of its noise",
     fast=False,
+    rule="rank-16 mean final MSE <= 1.10x full-rank ES mean final MSE (5 seeds) and fewer noise bytes",
 )
 def eggroll_rank16() -> ClaimResult:
-    # The spec's check: W (64x64) to a linear teacher, 256 antithetic members, σ 0.05, SGD, 200 generations,
-    # each method's lr picked from {0.05, 0.1, 0.2} on seed 0, then five seeds at that lr.
+    # The spec's check: W (64x64) to a linear teacher, 256 antithetic members for both, σ 0.05, SGD, 200
+    # generations, each method's lr picked on seed 0 from one grid, then five seeds at that lr. The spec's grid
+    # {0.05, 0.1, 0.2} stopped at the best value of both methods (2026-12-07: rank 16 1.81x); the grid now reaches
+    # past both optima (seed 0: rank 16 best at 0.4, full rank at 0.2 and 0.086 at 0.3).
     results = {}
     for rank in (16, 0):
-        lr = min((0.05, 0.1, 0.2), key=lambda lr, rank=rank: _es_run(rank, lr, seed=0)[0])
+        losses = {lr: _es_run(rank, lr, seed=0)[0] for lr in ES_LRS}
+        lr = min(losses, key=losses.get)
         runs = [_es_run(rank, lr, seed) for seed in SEEDS]
-        results[rank] = {"lr": lr, "final MSE (mean, std)": _mean_std([r[0] for r in runs]), **runs[0][1]}
+        results[rank] = {
+            "lr": lr,
+            "final MSE (mean, std)": _mean_std([r[0] for r in runs]),
+            "seed-0 MSE by lr": {k: round(v, 4) for k, v in losses.items()},
+            **runs[0][1],
+        }
     low, full = results[16], results[0]
     ratio = low["final MSE (mean, std)"][0] / full["final MSE (mean, std)"][0]
     noise = low["noise bytes per generation"] / full["noise bytes per generation"]

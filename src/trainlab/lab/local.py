@@ -99,8 +99,11 @@ def make_trainer(
 
     def make(model: nn.Module) -> BatchTrainer:
         example = workload.make_batch(batch_size(workload, algorithm), batch_generator(seed, 0))
-        with torch.no_grad():
-            num_classes = int(_logits(model, split_batch(example)[0]).shape[-1])
+        if isinstance(example, Graph):  # every node's class is known to the graph (ForwardGNN's layers need not
+            num_classes = int(example.labels.max()) + 1  # end C wide: its last layer can be an embedding)
+        else:
+            with torch.no_grad():
+                num_classes = int(_logits(model, split_batch(example)[0]).shape[-1])
         own = {"seed": seed} if "seed" in localtrain.get_spec(algorithm).defaults else {}
         trainer = localtrain.create(algorithm, model, num_classes=num_classes, **{**own, **hp})
         return WorkloadTrainer(trainer, example)

@@ -5,12 +5,19 @@ ways to every training node of its class; the augmented adjacency is renormalize
 ``D^-1/2 (A + I) D^-1/2``, from the sparsity pattern of the one given. Layer ``l`` sees the row-normalized,
 detached output of the layer below, ``x/(‖x‖₂ + 1e-8)``, and its local loss is the cross-entropy of the
 training nodes' similarity to the virtual nodes, ``H[train] H[virtual]ᵀ/τ``. A prediction sums
-``softmax(H_l[node] H_l[virtual]ᵀ/τ)`` over the layers. Hidden layers are followed by a ReLU, as in a GCN.
+``softmax(H_l[node] H_l[virtual]ᵀ/τ)`` over the layers. Every layer, the last included, is followed by a ReLU
+(the official code's layers are conv + ReLU). The paper's layers all have the hidden width (its backprop
+baseline ends in a C-wide layer instead); a model whose last layer is C wide still trains, with a C-dimensional
+embedding for its last similarity.
 
-``variant="top-down"`` adds a top-down signal to every layer but the last: a trainable map ``D_l`` of the
-row-normalized output of the layer above, as computed in the previous step (zeros at first; at prediction,
-from a first bottom-up pass), added to the layer's pre-activation. This is our reading of the paper's
-top-down extension (Sec. 3.3); the reference code was not consulted.
+``variant="top-down"`` feeds every layer, besides the layer below, the row-normalized output of the layer
+above as computed in the previous step (the top layer: the labels, one-hot for training and virtual nodes and
+uniform ``1/C`` for the others), as the official "top-to-input" variant concatenates the two inputs of one
+graph convolution. Here the second input goes through a trainable map ``D_l`` and the augmented adjacency,
+``layer(x̂, Â) + Â (t̂ D_lᵀ)``, before the ReLU: for a GCN layer that is exactly the convolution of the
+concatenated input. The first step has no signal from above yet (zeros, as the paper's bottom-up
+initialization); a prediction runs a bottom-up pass, then one pass with the top-down signals, and sums the
+second pass's layers.
 
 The paper trains layers greedily, layer l to early stopping on validation accuracy, then l+1. With
 ``steps_per_layer=k`` layer l trains alone during steps ``[l·k, (l+1)·k)`` (the last keeps training after);
@@ -72,7 +79,7 @@ class ForwardGNNClassifier(nn.Module):
         t = self.trainer
         outputs = t.forward_layers(features, adjacency, t.labels, top_down=None)
         if t.variant == "top-down":  # a second pass with the first pass's outputs as the top-down signal
-            outputs = t.forward_layers(features, adjacency, t.labels, top_down=outputs)
+            outputs = t.forward_layers(features, adjacency, t.labels, top_down=t.from_above(outputs, t.labels))
         n = features.shape[0]
         return sum(torch.softmax(t.similarity(h)[:n], dim=1) for h in outputs)
 
@@ -121,7 +128,7 @@ class ForwardGNN(LocalTrainer):
             self.labels = torch.full((features.shape[0],), -100, dtype=torch.long, device=features.device)
             with torch.no_grad():
                 widths = [h.shape[1] for h in self.forward_layers(features, adjacency, self.labels, None)]
-            for below, above in zip(widths[:-1], widths[1:], strict=True):
+            for below, above in zip(widths, [*widths[1:], self.num_classes], strict=True):
                 self.top_down.append(nn.Linear(above, below, bias=False, dtype=features.dtype, device=features.device))
         return [torch.optim.Adam(self._trained().parameters(), lr=self.lr, foreach=True)]
 
@@ -135,11 +142,25 @@ class ForwardGNN(LocalTrainer):
         """``H H[virtual]ᵀ/τ`` for every node of the augmented graph."""
         return h @ h[-self.num_classes :].T / self.temperature
 
+    def label_signal(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The top layer's signal from above: one-hot labels of the labelled and virtual nodes, ``1/C`` elsewhere."""
+        c = self.num_classes
+        signal = torch.full((labels.shape[0] + c, c), 1.0 / c, dtype=like.dtype, device=like.device)
+        labelled = (labels != -100).nonzero().flatten()
+        signal[labelled] = F.one_hot(labels[labelled], c).to(like.dtype)
+        signal[-c:] = torch.eye(c, dtype=like.dtype, device=like.device)
+        return signal
+
+    def from_above(self, outputs: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's top-down input: the next layer's output, and the label signal for the last."""
+        return [*outputs[1:], self.label_signal(labels, outputs[0])]
+
     def _layer(self, l: int, x: torch.Tensor, adjacency: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
         h = self.layers[l](row_normalize(x).detach(), adjacency)
         if top is not None:
-            h = h + self.top_down[l](row_normalize(top).detach())
-        return torch.relu(h) if l < len(self.layers) - 1 else h
+            down = self.top_down[l](row_normalize(top).detach())
+            h = h + (torch.sparse.mm(adjacency, down) if adjacency.is_sparse else adjacency @ down)
+        return torch.relu(h)
 
     def forward_layers(
         self, features: torch.Tensor, adjacency: torch.Tensor, labels: torch.Tensor, top_down: list | None
@@ -149,8 +170,7 @@ class ForwardGNN(LocalTrainer):
         x = torch.cat([features, self.virtual])
         outputs = []
         for l in range(len(self.layers)):
-            top = top_down[l + 1] if top_down is not None and l + 1 < len(self.layers) else None
-            x = self._layer(l, x, a, top)
+            x = self._layer(l, x, a, None if top_down is None else top_down[l])
             outputs.append(x)
         return outputs
 
@@ -170,8 +190,8 @@ class ForwardGNN(LocalTrainer):
         )
         for l in range(len(self.layers)):
             top = None
-            if self.variant == "top-down" and l + 1 < len(self.layers) and self._previous is not None:
-                top = self._previous[l + 1]
+            if self.variant == "top-down" and self._previous is not None:
+                top = self._previous[l]
             if training is not None and l != training:
                 with torch.no_grad():
                     x = self._layer(l, x, a, top)
@@ -185,7 +205,7 @@ class ForwardGNN(LocalTrainer):
             outputs.append(x)
         self.steps_done += 1
         optimizer.step()
-        self._previous = outputs
+        self._previous = self.from_above(outputs, labels) if self.variant == "top-down" else None
         return total
 
 
