@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainlab.federated.curricula import linear_pacing, order_by_difficulty, paced_indices
+from trainlab.federated.curricula import (
+    client_difficulty,
+    client_schedule,
+    linear_pacing,
+    local_pacing,
+    order_by_difficulty,
+    paced_indices,
+)
 
 
 def test_orderings():
@@ -28,3 +35,38 @@ def test_linear_pacing_from_b_to_all_data_at_a_T():
     assert len(paced_indices(order, 25, 100)) == 6
     with pytest.raises(ValueError, match="a and b"):
         linear_pacing(0, 10, a=0.0)
+
+
+def test_local_pacing_is_the_official_linear_pacing_within_a_round():
+    # int(b n + (n - b n) s / (a S)) with n 100, S 10, a 0.8, b 0.2, clipped to [min(32, n), n]
+    expected = [max(32, min(100, int(20 + 80 * s / 8))) for s in range(10)]
+    assert [local_pacing(s, 10, 100) for s in range(10)] == expected == [32, 32, 40, 50, 60, 70, 80, 90, 100, 100]
+    assert local_pacing(0, 10, 12) == 12  # a client with fewer than 32 samples uses them all
+    assert local_pacing(0, 10, 100, minimum=1) == 20
+    with pytest.raises(ValueError, match="a > 0"):
+        local_pacing(0, 10, 100, a=0.0)
+
+
+def test_client_difficulty_is_the_mean_sample_score():
+    scores = client_difficulty([torch.tensor([1.0, 3.0]), torch.tensor([0.5]), torch.tensor([2.0, 2.0, 5.0])])
+    assert scores.tolist() == [2.0, 0.5, 3.0]
+    with pytest.raises(ValueError, match="non-empty"):
+        client_difficulty([torch.tensor([])])
+
+
+def test_client_schedule_draws_rounds_from_a_growing_pool_of_the_easiest_clients():
+    scores = torch.arange(10, dtype=torch.float64)  # client 0 the easiest
+    matrix = client_schedule(scores, rounds=8, per_round=2, ordering="curriculum", a=0.8, b=0.2)
+    # budget U = 16 updates; pool after u updates = int(2 + 8 u / 12.8): u 0 -> 2 clients (one round), u 2 -> 3
+    # (rounds of 2 and 1), u 5 -> 5 (2, 2, 1), u 10 -> 8 (the last two rounds of 2)
+    assert matrix.sum(1).tolist() == [2, 2, 1, 2, 2, 1, 2, 2]
+    pools = [set(range(2)), *[set(range(3))] * 2, *[set(range(5))] * 3, *[set(range(8))] * 2]
+    assert all(set(torch.nonzero(row).flatten().tolist()) <= pool for row, pool in zip(matrix, pools, strict=True))
+    assert matrix[1:3].sum().item() == 3 and matrix[1:3].any(0)[:3].all()  # the pool of 3 used up once
+    anti = client_schedule(scores, rounds=1, per_round=2, ordering="anti", a=0.8, b=0.2)
+    assert set(torch.nonzero(anti[0]).flatten().tolist()) == {8, 9}
+    # b = 1 with random ordering: plain random selection, each client once per pass of 5 rounds
+    plain = client_schedule(scores, rounds=10, per_round=2, ordering="random", b=1.0, seed=3)
+    assert plain[:5].sum(0).tolist() == [1] * 10 and plain[5:].sum(0).tolist() == [1] * 10
+    with pytest.raises(ValueError, match="per_round"):
+        client_schedule(scores, rounds=3, per_round=11, ordering="curriculum")

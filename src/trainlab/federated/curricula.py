@@ -1,12 +1,16 @@
 """Curriculum orderings for federated clients ("When Do Curricula Work in Federated Learning?", Vahidian et al.,
-ICCV 2023), as the spec reads them (no official code; the pacing parameterisation is the one of Wu et al.'s "When
-do curricula work?", which the paper builds on):
+ICCV 2023).
 
-- each client scores its samples by difficulty (e.g. the loss of an expert or of the current global model),
-- orders them easy -> hard (``curriculum``), hard -> easy (``anti``) or at random (``random``),
-- and at round t trains only on the first ``ceil(g(t) n_k)`` samples of its ordering, with the linear pacing
-  ``g(t) = min(1, b + (1 - b) t / (a T))``: ``b`` the starting fraction, ``a`` the fraction of the T rounds after
-  which all data is used.
+Two readings live here:
+
+- the spec's (written before the official code was found): ``linear_pacing`` / ``paced_indices`` pace across the
+  rounds, ``g(t) = min(1, b + (1 - b) t / (a T))`` of the ordered data at round t;
+- the paper's official code (its repository's client class, ``ClientScheduler`` and ``pacing_fn``, read through
+  the search tool; no code copied): ``local_pacing`` paces within each round's local training, and
+  ``client_schedule`` is the paper's ordered client selection. See the comment above ``local_pacing``.
+
+Every reading orders a client's samples by a difficulty score (higher = harder) easy -> hard (``curriculum``),
+hard -> easy (``anti``) or at random (``random``) with ``order_by_difficulty``.
 """
 
 from __future__ import annotations
@@ -45,3 +49,67 @@ def paced_indices(order: Tensor, round: int, total_rounds: int, a: float = 0.5, 
     """The samples (a prefix of ``order``) a client may draw its batches from at ``round``."""
     share = linear_pacing(round, total_rounds, a, b) * len(order)
     return order[: max(1, math.ceil(share - 1e-9))]  # 1e-9: 0.6 * 10 is 6.000000000000001 in floats
+
+
+# ---- The official code's reading (github: the paper's repository, `src/client`, `ClientScheduler`, `pacing_fn`) ----
+#
+# Data: each participating client scores its samples at the start of its local training (the loss of an expert
+# model, of the received global model, of its own last local model, or the sum of the last two) and orders them;
+# the pacing runs over the local steps of that round: at local step s of S the client draws its batches from the
+# first ``int(b n + (1 - b) n s / (a S))`` samples of its ordering (at least ``min(minimum, n)``).
+# Clients ("ordered client selection"): the server scores each client by the mean score of its samples, orders the
+# clients the same three ways, and draws the rounds' participants from a pool of the first
+# ``int(b K + (1 - b) K u / (a U))`` clients of that ordering, ``u`` client updates done of a budget ``U`` (rounds
+# x clients per round): the pool is shuffled and split into rounds of ``per_round`` clients (the last may be
+# smaller); when it is used up the clients are ordered again and a new pool is drawn.
+
+
+def local_pacing(step: int, total_steps: int, n: int, a: float = 0.8, b: float = 0.2, minimum: int = 32) -> int:
+    """How many of its ``n`` ordered samples a client may draw from at local step ``step`` (0-based) of
+    ``total_steps``: ``int(b n + (n - b n) step / (a total_steps))``, clipped to ``[min(minimum, n), n]``
+    (the official defaults of the paper's scripts: a = 0.8, b = 0.2, at least 32 samples)."""
+    if not 0 < a or not 0 < b <= 1:
+        raise ValueError(f"need a > 0 and b in (0, 1], got a={a}, b={b}")
+    if not isinstance(total_steps, int) or total_steps < 1 or not 0 <= step or n < 1:
+        raise ValueError(f"need 0 <= step, total_steps >= 1 and n >= 1, got {step}, {total_steps}, {n}")
+    size = int(b * n + (n - b * n) * step / (a * total_steps) + 1e-9)
+    return max(min(minimum, n), min(size, n))
+
+
+def client_difficulty(sample_scores: list[Tensor]) -> Tensor:
+    """Each client's score for the client ordering: the mean score of its samples."""
+    if not sample_scores or any(s.ndim != 1 or len(s) == 0 for s in sample_scores):
+        raise ValueError("sample_scores must be one non-empty 1-D tensor of sample scores per client")
+    return torch.stack([s.double().mean() for s in sample_scores])
+
+
+def client_schedule(
+    client_scores: Tensor,
+    rounds: int,
+    per_round: int,
+    ordering: str,
+    a: float = 0.8,
+    b: float = 0.2,
+    seed: int = 0,
+) -> Tensor:
+    """The participants of each round [rounds, clients] (bool) under the paper's ordered client selection from
+    fixed client scores (e.g. an expert's). ``ordering="random"`` with ``b=1`` is plain random selection: every
+    client once per pass, in shuffled rounds of ``per_round``."""
+    k = len(client_scores)
+    if not isinstance(rounds, int) or rounds < 1 or not isinstance(per_round, int) or not 1 <= per_round <= k:
+        raise ValueError(f"need rounds >= 1 and 1 <= per_round <= {k}, got {rounds}, {per_round}")
+    budget = rounds * per_round
+    gen = torch.Generator().manual_seed(seed)
+    matrix = torch.zeros(rounds, k, dtype=torch.bool)
+    done, row, passes = 0, 0, 0
+    while row < rounds:
+        order = order_by_difficulty(client_scores, ordering, seed=seed * 100_003 + passes)
+        passes += 1
+        pool = order[: local_pacing(done, budget, k, a, b, minimum=1)]
+        pool = pool[torch.randperm(len(pool), generator=gen)]
+        for chosen in pool.split(per_round):
+            matrix[row, chosen] = True
+            done, row = done + len(chosen), row + 1
+            if row == rounds:
+                break
+    return matrix

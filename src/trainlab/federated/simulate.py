@@ -71,7 +71,8 @@ class LocalTrainer:
         for step in range(self.local_steps):
             if self.fail is not None and step == self.local_steps // 2 and self.fail(client, round):
                 raise ClientFailure(f"client {client} dropped out at local step {step}")
-            opt.zero_grad(set_to_none=True)
+            for p in self.params:  # = opt.zero_grad(set_to_none=True), whose first call imports torch._dynamo
+                p.grad = None  # (about 1.5 s of CPU in every fresh Flower ClientApp process)
             self.loss(self.work, self.client_batch(client, round, step)).backward()
             if proximal_mu:
                 grads = [p.grad for p in self.params]
