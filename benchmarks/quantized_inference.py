@@ -192,6 +192,17 @@ def profile_shares(call: Callable[[], object], repeats: int = 5) -> dict[str, fl
     return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
 
 
+def cpu_line() -> str:
+    """The CPU's name and whether it has bfloat16 dot products (which decide the bf16 rows)."""
+    try:
+        info = open("/proc/cpuinfo").read()  # noqa: SIM115
+    except OSError:
+        return "CPU: unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in info]
+    return f"CPU: {name} ({', '.join(flags) or 'no AVX2'})."
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -210,6 +221,8 @@ def main() -> None:
         f"`python benchmarks/quantized_inference.py --threads {args.threads}` (torch {torch.__version__}, "
         f"{args.threads} thread(s), medians of {args.repeats} interleaved repeats; shared 2-core machine with other "
         "jobs running, so compare ratios within a table).",
+        "",
+        cpu_line(),
         "",
     ]
     encoder, vocab = minilm()
