@@ -165,3 +165,36 @@ def test_reading_cell_formats() -> None:
     assert EnergyReading(1234.5678, "").cell() == "1235"
     assert EnergyReading(1.0, "").cell(0.00012345) == "0.0001234"
     assert EnergyReading(None, "why").cell(3.0) == "n/a: why"
+
+
+def test_a_zone_that_fails_mid_run_is_left_out_and_named(tmp_path: Path) -> None:
+    lost = _zone(tmp_path / "intel-rapl:0", "package-0", 0)
+    kept = _zone(tmp_path / "intel-rapl:1", "package-1", 0)
+    with EnergyMeter(powercap_root=tmp_path, nvml=False) as meter:
+        lost.write_text("garbage\n")
+        kept.write_text("3000000\n")
+    assert meter.reading.joules == pytest.approx(3.0)  # the run is not lost to a bad read
+    assert "stopped being readable" in meter.reading.reason and str(lost) in meter.reading.reason
+
+
+def test_nvml_counters_are_read_in_millijoules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The GPU path with a stand-in for pynvml's counter: joules = (end - start) mJ / 1000, per device."""
+    counters = {"a": 1_000, "b": 50_000}
+    synced = []
+    gpu = energy._Nvml(["a", "b"], counters.__getitem__, lambda: synced.append(True))
+    monkeypatch.setattr(energy, "nvml_counters", lambda: (gpu, ""))
+    with EnergyMeter(powercap_root=tmp_path / "missing") as meter:
+        counters["a"] += 2_500
+        counters["b"] += 500
+    assert meter.reading.by_source == pytest.approx({"nvml:0": 2.5, "nvml:1": 0.5})
+    assert meter.reading.joules == pytest.approx(3.0) and len(synced) == 2  # the queue drained at both readings
+    assert meter.reading.reason.startswith("RAPL: no powercap tree")
+
+    def broken(handle: str) -> int:
+        raise RuntimeError("GPU is lost")
+
+    gpu = energy._Nvml(["a"], counters.__getitem__, lambda: None)
+    monkeypatch.setattr(energy, "nvml_counters", lambda: (gpu, ""))
+    with EnergyMeter(powercap_root=tmp_path / "missing") as meter:
+        gpu._read = broken
+    assert meter.reading.joules is None and "NVML: the closing reading failed (GPU is lost)" in meter.reading.reason

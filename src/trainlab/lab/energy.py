@@ -61,12 +61,19 @@ class _RaplZone:
     wrap: int  # max_energy_range_uj
     last: int = 0
     total: int = 0  # microjoules accumulated since the meter opened
+    error: str = ""  # set when a reading failed: the zone is left out of the total, and the reason says so
 
     def read(self) -> int:
         return int(self.counter.read_text().strip())
 
     def sample(self) -> None:
-        now = self.read()
+        if self.error:
+            return
+        try:
+            now = self.read()
+        except (OSError, ValueError) as err:
+            self.error = f"{self.counter} stopped being readable ({err})"
+            return
         delta = now - self.last
         if delta < 0:  # the counter wrapped once since the last reading
             delta += self.wrap
@@ -213,10 +220,18 @@ class EnergyMeter:
             self._thread = None
         by_source: dict[str, float] = {}
         if self._gpu is not None:
-            for i, (start, end) in enumerate(zip(self._gpu.start, self._gpu.millijoules(), strict=True)):
-                by_source[f"nvml:{i}"] = (end - start) * _MILLI
+            try:
+                ends = self._gpu.millijoules()
+            except Exception as err:  # an NVML error loses the GPU reading (said in the reason), not the run
+                self._reasons.append(f"NVML: the closing reading failed ({err})")
+            else:
+                for i, (start, end) in enumerate(zip(self._gpu.start, ends, strict=True)):
+                    by_source[f"nvml:{i}"] = (end - start) * _MILLI
         self.sample()
         for zone in self._zones:
-            by_source[f"rapl:{zone.name}"] = zone.total * _MICRO
+            if zone.error:
+                self._reasons.append(f"RAPL: {zone.error}")
+            else:
+                by_source[f"rapl:{zone.name}"] = zone.total * _MICRO
         reason = "; ".join(self._reasons)
         self.reading = EnergyReading(sum(by_source.values()) if by_source else None, reason, by_source)
