@@ -326,10 +326,11 @@ def _run_asynchronous(job: FederateJob, name: str, hp: dict[str, Any]) -> Federa
 
 
 def _with_vector(model: nn.Module, vector: torch.Tensor) -> nn.Module:
-    from torch.nn.utils import vector_to_parameters
-
+    """``model`` with its parameters set to copies of ``vector``'s pieces (never views of it)."""
+    params = list(model.parameters())
+    pieces = vector.split([p.numel() for p in params])
     with torch.no_grad():
-        vector_to_parameters(vector.to(next(model.parameters()).dtype), model.parameters())
+        torch._foreach_copy_(params, [v.view_as(p).to(p.dtype) for v, p in zip(pieces, params, strict=True)])
     return model
 
 
@@ -495,7 +496,8 @@ def _write(out: Path, job: FederateJob, summary: dict[str, Any], matrix: torch.T
     elif job.kind == "peer-to-peer":
         setting = (
             f"{job.clients} machines, {job.byzantine_count} Byzantine ({job.attack} attack), {job.rounds} steps of "
-            f"one stochastic gradient per honest machine; accuracy of the honest machines' mean"
+            "one stochastic gradient per honest machine (all of them every step, so --participation is not used); "
+            "accuracy of the honest machines' mean"
         )
         per = "step"
     else:
