@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,29 +49,39 @@ def _ns_loop(x: Tensor, steps: int) -> Tensor:
     return x
 
 
-# (batch, rows, cols, dtype, device, steps) -> the compiled iteration; one compiled function per key, so a new
-# shape never recompiles (or hits torch.compile's recompile limit on) another's.
+# (dtype, device, steps, batch of one) -> the compiled iteration, compiled with dynamic shapes (one graph for
+# every matrix shape). Each key compiles its own copy of _ns_loop's code: torch.compile keeps its cache and its
+# recompile limit per code object, so keys never evict or exhaust one another.
 _COMPILED: dict[tuple, Callable[[Tensor, int], Tensor]] = {}
-# the same keys -> why compiling failed; those shapes run eagerly (warned once per key).
+# the same keys -> why compiling failed; those calls run eagerly (warned once per key).
 NS_COMPILE_FALLBACKS: dict[tuple, str] = {}
+
+
+def _fresh_loop(key: tuple) -> Callable[[Tensor, int], Tensor]:
+    name = f"_ns_loop_{len(_COMPILED)}"
+    code = _ns_loop.__code__.replace(co_name=name, co_qualname=name)
+    return torch.compile(types.FunctionType(code, _ns_loop.__globals__, name), dynamic=True, fullgraph=True)
 
 
 def _compiled_loop(x: Tensor, steps: int) -> Tensor | None:
     """The compiled iteration's result, or None (the reason in :data:`NS_COMPILE_FALLBACKS`) if it cannot
-    compile."""
-    key = (*x.shape, x.dtype, x.device.type, steps)
+    compile. One-row matrices run eagerly (None): inductor turns a product with a size-1 dimension into an
+    elementwise reduction, which rounds differently from the eager matmul."""
+    if x.size(1) == 1:
+        return None
+    key = (x.dtype, x.device.type, steps, x.size(0) == 1)
     if key in NS_COMPILE_FALLBACKS:
         return None
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = _COMPILED[key] = torch.compile(_ns_loop, dynamic=False, fullgraph=True)
+        fn = _COMPILED[key] = _fresh_loop(key)
     try:
         return fn(x, steps)
     except Exception as err:  # no C compiler, an unsupported backend, ...: run eagerly and say why
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         NS_COMPILE_FALLBACKS[key] = reason
         _COMPILED.pop(key, None)
-        warnings.warn(f"Newton-Schulz for shape {key[:3]} {key[3]} runs eagerly: torch.compile failed ({reason})",
+        warnings.warn(f"Newton-Schulz in {key[0]} on {key[1]} runs eagerly: torch.compile failed ({reason})",
                       RuntimeWarning, stacklevel=3)  # fmt: skip
         return None
 
@@ -89,9 +100,10 @@ def newton_schulz(
     ``B = bA + cA·A`` and ``X' = aX + B·X``, the scalings folded into the products (``baddbmm``) instead
     of five extra elementwise passes and as many temporaries.
 
-    ``compile=True`` runs the iteration through ``torch.compile`` (one compiled function per batch shape,
-    dtype, device and step count, compiled on first use); where compiling fails the iteration runs eagerly,
-    with a RuntimeWarning and the reason in :data:`NS_COMPILE_FALLBACKS`.
+    ``compile=True`` runs the iteration through ``torch.compile`` (compiled on first use with dynamic shapes,
+    one compiled function per dtype, device, step count and batch-of-one flag, so new matrix shapes do not
+    recompile); it equals the eager iteration bitwise (the same matmul kernels). Where compiling fails the
+    iteration runs eagerly, with a RuntimeWarning and the reason in :data:`NS_COMPILE_FALLBACKS`.
     """
     if g.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(g.shape)}")
