@@ -86,3 +86,19 @@ def test_dirichlet_partition_covers_every_sample_once_and_skews_labels():
     assert sum(dominant) / 10 > 0.5  # alpha 0.1: most of a client's data is one class
     with pytest.raises(ValueError, match="alpha"):
         dirichlet_partition(labels, 10, alpha=0.0, seed=0)
+
+
+def test_difficulty_ordered_partition_gives_later_clients_the_harder_samples_of_each_class():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(5, (400,), generator=gen)
+    difficulty = torch.rand(400, generator=gen, dtype=torch.float64)
+    plain = dirichlet_partition(labels, 6, alpha=1.0, seed=2)
+    ordered = dirichlet_partition(labels, 6, alpha=1.0, seed=2, difficulty=difficulty)
+    assert torch.equal(torch.cat(ordered).sort().values, torch.arange(400))
+    for c in range(5):  # the same class counts per client, cut in ascending difficulty
+        assert [int((labels[p] == c).sum()) for p in plain] == [int((labels[p] == c).sum()) for p in ordered]
+        chunks = [difficulty[p[labels[p] == c]] for p in ordered]
+        filled = [x for x in chunks if len(x)]
+        assert all(a.max() <= b.min() for a, b in zip(filled, filled[1:], strict=False))
+    with pytest.raises(ValueError, match="difficulty"):
+        dirichlet_partition(labels, 6, alpha=1.0, seed=2, difficulty=difficulty[:10])
