@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trainlab.federated.curricula import (
+    ClientCurriculum,
     client_difficulty,
     client_schedule,
     linear_pacing,
@@ -70,3 +71,20 @@ def test_client_schedule_draws_rounds_from_a_growing_pool_of_the_easiest_clients
     assert plain[:5].sum(0).tolist() == [1] * 10 and plain[5:].sum(0).tolist() == [1] * 10
     with pytest.raises(ValueError, match="per_round"):
         client_schedule(scores, rounds=3, per_round=11, ordering="curriculum")
+
+
+def test_client_curriculum_rescores_when_a_new_pool_is_drawn():
+    calls = []
+
+    def scores() -> torch.Tensor:  # e.g. the current global model's loss: it changes between pools
+        calls.append(len(calls))
+        return torch.tensor([0.0, 1.0, 2.0, 3.0]) if len(calls) == 1 else torch.tensor([3.0, 2.0, 0.0, 1.0])
+
+    curriculum = ClientCurriculum(4, rounds=4, per_round=2, ordering="curriculum", a=1.0, b=0.5)
+    # budget 8; pool after u updates = int(2 + 2 u / 8): 2 clients at u = 0 and at u = 2
+    assert sorted(curriculum.next_round(scores).tolist()) == [0, 1] and len(calls) == 1
+    assert sorted(curriculum.next_round(scores).tolist()) == [2, 3] and len(calls) == 2
+    with pytest.raises(ValueError, match="4 client scores"):
+        ClientCurriculum(4, 1, 2, "curriculum").next_round(lambda: torch.zeros(3))
+    with pytest.raises(ValueError, match="ordering"):
+        ClientCurriculum(4, 1, 2, "easy-first")

@@ -219,6 +219,7 @@ def _curriculum_run(
     per_round: int = 5,
     local_steps: int = 10,
     disparity: bool = False,
+    scoring: str = "expert",
 ) -> float:
     """FedAvg of a logistic regression on digits, the paper's way (its official code's reading): ``clients``
     clients split by Dirichlet(``alpha``) labels (``None``: IID), ``per_round`` of them per round, each ordering its
@@ -227,10 +228,12 @@ def _curriculum_run(
     Clients are selected by ``client_schedule``: ``vanilla`` is plain random selection, the others the paper's
     ordered selection by the mean expert loss of a client's data (linear pacing a 0.8, b 0.2). ``disparity``: the
     official code's difficulty-ordered partition (each class cut in ascending expert loss, so clients differ in
-    difficulty). Returns the mean validation accuracy over the last 5 rounds."""
+    difficulty). ``scoring="global"``: samples and clients are scored by the loss of the current global model (the
+    official code's ``G``; a client scores its data with the received model, the server rescores every client when
+    it draws a new pool) instead of the expert's. Returns the mean validation accuracy over the last 5 rounds."""
     from torch import nn
 
-    from trainlab.federated.curricula import client_difficulty, client_schedule, local_pacing, order_by_difficulty
+    from trainlab.federated.curricula import ClientCurriculum, client_difficulty, local_pacing, order_by_difficulty
     from trainlab.federated.partition import dirichlet_partition
     from trainlab.federated.simulate import LocalTrainer, run_rounds
     from trainlab.lab.workloads.digits import digits_data
@@ -254,9 +257,20 @@ def _curriculum_run(
     else:
         difficulty = scores[rest] if disparity else None
         parts = [rest[i] for i in dirichlet_partition(y[rest], clients, alpha, seed, 8, difficulty)]
+    if scoring not in ("expert", "global"):
+        raise ValueError(f"scoring must be expert or global, got {scoring!r}")
     orders = [p[order_by_difficulty(scores[p], data_ordering, seed=seed)] for p in parts]
+    now = {"round": 0}  # the global round (run one round at a time below)
+
+    def losses(model: nn.Module, part: torch.Tensor) -> torch.Tensor:
+        with evaluating(model), torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(x[part]), y[part], reduction="none")
 
     def batch(client: int, rnd: int, step: int):
+        rnd = now["round"]
+        if scoring == "global" and data_ordering != "random" and step == 0:  # the received model scores the data
+            part = parts[client]
+            orders[client] = part[order_by_difficulty(losses(trainer.work, part), data_ordering, seed=seed)]
         order = orders[client]
         if data_ordering == "random":  # the official code shuffles anew at every local training
             part = parts[client]
@@ -271,9 +285,8 @@ def _curriculum_run(
             return float((model(x_val).argmax(-1) == y_val).double().mean())
 
     selection = "random" if client_ordering == "vanilla" else client_ordering
-    client_scores = client_difficulty([scores[p] for p in parts])
     b = 1.0 if client_ordering == "vanilla" else 0.2
-    participation = client_schedule(client_scores, rounds, per_round, selection, a=0.8, b=b, seed=seed)
+    curriculum = ClientCurriculum(clients, rounds, per_round, selection, a=0.8, b=b, seed=seed)
     torch.manual_seed(seed)
     trainer = LocalTrainer(
         nn.Linear(64, 10),
@@ -285,8 +298,22 @@ def _curriculum_run(
     )
     dim = sum(p.numel() for p in trainer.model.parameters())
     fedavg = federated.create("fedavg", num_clients=clients, dim=dim)
-    run = run_rounds(trainer, fedavg, participation, evaluate=accuracy)
-    return statistics.fmean(h["metric"] for h in run.history[-5:])
+    expert_client_scores = client_difficulty([scores[p] for p in parts])
+
+    def client_scores() -> torch.Tensor:
+        if scoring == "expert":
+            return expert_client_scores
+        return client_difficulty([losses(trainer.model, p) for p in parts])
+
+    metrics = []
+    for t in range(rounds):
+        now["round"] = t
+        row = torch.zeros(1, clients, dtype=torch.bool)
+        row[0, curriculum.next_round(client_scores)] = True
+        run = run_rounds(trainer, fedavg, row, evaluate=accuracy)
+        trainer.model.load_state_dict(run.model.state_dict())  # the new global model
+        metrics.append(run.history[0]["metric"])
+    return statistics.fmean(metrics[-5:])
 
 
 CURRICULA_SPLITS = {"alpha 0.05": 0.05, "alpha 0.2": 0.2, "alpha 0.9": 0.9, "IID": None}

@@ -16,6 +16,7 @@ hard -> easy (``anti``) or at random (``random``) with ``order_by_difficulty``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -83,6 +84,57 @@ def client_difficulty(sample_scores: list[Tensor]) -> Tensor:
     return torch.stack([s.double().mean() for s in sample_scores])
 
 
+class ClientCurriculum:
+    """The paper's ordered client selection, one round at a time: ``next_round(scores)`` returns the round's
+    participants; ``scores()`` (each client's difficulty, e.g. ``client_difficulty`` of its samples' losses under
+    the current global model) is called whenever a new pool is drawn. State: client updates done, rounds drawn,
+    the rounds left of the current pool."""
+
+    def __init__(
+        self,
+        num_clients: int,
+        rounds: int,
+        per_round: int,
+        ordering: str,
+        a: float = 0.8,
+        b: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(rounds, int) or rounds < 1 or not isinstance(per_round, int):
+            raise ValueError(f"need rounds >= 1 and an integer per_round, got {rounds}, {per_round}")
+        if not 1 <= per_round <= num_clients:
+            raise ValueError(f"need 1 <= per_round <= {num_clients}, got {per_round}")
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {ORDERINGS}, got {ordering!r}")
+        local_pacing(0, 1, num_clients, a, b)  # checks a and b
+        self.num_clients, self.per_round, self.ordering, self.a, self.b, self.seed = (
+            num_clients,
+            per_round,
+            ordering,
+            a,
+            b,
+            seed,
+        )
+        self.budget = rounds * per_round
+        self.gen = torch.Generator().manual_seed(seed)
+        self.done, self.passes = 0, 0
+        self.pending: list[Tensor] = []
+
+    def next_round(self, scores: Callable[[], Tensor]) -> Tensor:
+        """The clients (indices) of the next round."""
+        if not self.pending:
+            client_scores = scores()
+            if client_scores.shape != (self.num_clients,):
+                raise ValueError(f"scores() must return {self.num_clients} client scores")
+            order = order_by_difficulty(client_scores, self.ordering, seed=self.seed * 100_003 + self.passes)
+            self.passes += 1
+            pool = order[: local_pacing(self.done, self.budget, self.num_clients, self.a, self.b, minimum=1)]
+            self.pending = list(pool[torch.randperm(len(pool), generator=self.gen)].split(self.per_round))
+        chosen = self.pending.pop(0)
+        self.done += len(chosen)
+        return chosen
+
+
 def client_schedule(
     client_scores: Tensor,
     rounds: int,
@@ -96,20 +148,8 @@ def client_schedule(
     fixed client scores (e.g. an expert's). ``ordering="random"`` with ``b=1`` is plain random selection: every
     client once per pass, in shuffled rounds of ``per_round``."""
     k = len(client_scores)
-    if not isinstance(rounds, int) or rounds < 1 or not isinstance(per_round, int) or not 1 <= per_round <= k:
-        raise ValueError(f"need rounds >= 1 and 1 <= per_round <= {k}, got {rounds}, {per_round}")
-    budget = rounds * per_round
-    gen = torch.Generator().manual_seed(seed)
+    curriculum = ClientCurriculum(k, rounds, per_round, ordering, a, b, seed)
     matrix = torch.zeros(rounds, k, dtype=torch.bool)
-    done, row, passes = 0, 0, 0
-    while row < rounds:
-        order = order_by_difficulty(client_scores, ordering, seed=seed * 100_003 + passes)
-        passes += 1
-        pool = order[: local_pacing(done, budget, k, a, b, minimum=1)]
-        pool = pool[torch.randperm(len(pool), generator=gen)]
-        for chosen in pool.split(per_round):
-            matrix[row, chosen] = True
-            done, row = done + len(chosen), row + 1
-            if row == rounds:
-                break
+    for row in range(rounds):
+        matrix[row, curriculum.next_round(lambda: client_scores)] = True
     return matrix
