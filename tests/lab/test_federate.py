@@ -111,3 +111,5 @@ def test_cli_runs_fedfix_and_monna(tmp_path, capsys):
     assert "1 Byzantine (signflip attack)" in capsys.readouterr().out
     assert main([*argv, "--export-app", str(tmp_path / "app")]) == 2  # the app export is for server strategies
     assert "--export-app writes synchronous server strategies" in capsys.readouterr().err
+    assert main(["federate", "--strategy", "fedfix", "--engine", "ray", *common]) == 2  # named before Ray is looked for
+    assert "--engine ray runs server strategies only" in capsys.readouterr().err

@@ -12,22 +12,6 @@ from trainlab.cli.bench import parse_hyperparameters
 def run(args: argparse.Namespace) -> int:
     from trainlab.lab.federate import FederateJob, federate
 
-    flower_names = any(name.startswith("flwr-") for name in (args.strategy, args.baseline))
-    if args.engine == "flower" or args.export_app or flower_names:
-        try:
-            import flwr  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                "--engine flower, --export-app and flwr-* strategies need Flower: pip install 'trainlab[federated]'"
-            ) from None
-    if args.engine == "ray":
-        try:
-            import ray  # noqa: F401  (checked first: flwr.simulation exits the process when Ray is missing)
-        except ImportError:
-            raise ValueError(
-                "--engine ray needs Flower's Ray simulation (ray 2.55.1, about 220 MB): "
-                "pip install 'trainlab[federated-ray]' (or: pip install 'flwr[simulation]>=1.42,<1.43')"
-            ) from None
     job = FederateJob(
         workload=args.workload,
         strategy=args.strategy,
@@ -48,6 +32,23 @@ def run(args: argparse.Namespace) -> int:
         attack=args.attack,
         hyperparameters=parse_hyperparameters(args.hp),
     )
+    job.check()  # bad flags are named before any optional dependency is looked for
+    flower_names = any(name.startswith("flwr-") for name in (args.strategy, args.baseline))
+    if args.engine == "flower" or args.export_app or flower_names:
+        try:
+            import flwr  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--engine flower, --export-app and flwr-* strategies need Flower: pip install 'trainlab[federated]'"
+            ) from None
+    if args.engine == "ray":
+        try:
+            import ray  # noqa: F401  (checked first: flwr.simulation exits the process when Ray is missing)
+        except ImportError:
+            raise ValueError(
+                "--engine ray needs Flower's Ray simulation (ray 2.55.1, about 220 MB): "
+                "pip install 'trainlab[federated-ray]' (or: pip install 'flwr[simulation]>=1.42,<1.43')"
+            ) from None
     if args.export_app:
         from trainlab.lab.federate_app import export_app
 
