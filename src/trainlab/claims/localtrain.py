@@ -22,7 +22,7 @@ from trainlab.lab import local
 from trainlab.lab.bench import resolve_hyperparameters
 from trainlab.lab.runner import train
 from trainlab.lab.workloads import Workload, get_workload
-from trainlab.lab.workloads.sbm import GCN
+from trainlab.lab.workloads.sbm import GCN, SBM
 from trainlab.localtrain import eggroll, forward_forward, forward_gnn, gbnn, mono_forward, noprop
 from trainlab.memory.allocations import PeakTensorMeter
 from trainlab.runtime import batch_generator
@@ -108,7 +108,7 @@ def forward_forward_digits() -> ClaimResult:
     )
 
 
-GNN_STEPS = (100, 200, 400)
+GNN_STEPS = (100, 200, 400, 800)
 
 
 @register_claim(
@@ -128,7 +128,7 @@ def forward_gnn_sbm() -> ClaimResult:
     # 32 -> 64 -> 5 for backprop, and each method's step budget (in place of early stopping) picked by the same
     # rule: the best final validation accuracy on seed 0 among GNN_STEPS, then five seeds at that budget.
     workload = get_workload("sbm-gnn")
-    embedding = dataclasses.replace(workload, make_model=functools.partial(GCN, 32, 64, 64))
+    embedding = dataclasses.replace(workload, make_model=functools.partial(GCN, SBM.features, 64, 64))
     runs = {
         "single-forward": lambda **kw: _runs(embedding, "forward-gnn", **kw),
         "top-down": lambda **kw: _runs(embedding, "forward-gnn", variant="top-down", **kw),

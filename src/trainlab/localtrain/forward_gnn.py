@@ -23,7 +23,8 @@ The paper trains layers greedily, layer l to early stopping on validation accura
 ``steps_per_layer=k`` layer l trains alone during steps ``[l·k, (l+1)·k)`` (the last keeps training after);
 there is no early stopping inside a step budget. The default, ``steps_per_layer=0``, steps every layer on its
 detached input at every ``step``: the losses are the same, layer l's input keeps moving while those below train.
-On sbm-gnn (400 steps, seeds 0-1) greedy reaches 0.815-0.855 final accuracy, all-layers 0.83-0.85.
+On sbm-gnn with 32-64-64 convolutions, all layers together reach 0.874 ± 0.010 after 200 steps (seeds 0-4;
+the claim ``forward-gnn/sbm-near-backprop-gcn``).
 Defaults: Adam lr 1e-3 and τ = 1 (the official scripts).
 """
 
