@@ -63,3 +63,18 @@ def test_bench_adapters_refuse_bad_input_before_training(tmp_path, capsys, argv,
     assert main(base + (argv if "--algorithms" in argv else [*argv, "--algorithms", "adamw"])) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_adapter_init_does_not_depend_on_what_make_model_draws() -> None:
+    """A workload's first make_model may build (and cache) its pretrained model from the global random stream; the
+    adapter's random init must not shift with it (it did: the first LoRA run of a process differed from the rest)."""
+    import dataclasses
+
+    import torch
+
+    w = get_workload("digits-shifted")
+    drawing = dataclasses.replace(w, make_model=lambda: (torch.rand(7), w.make_model())[1])
+    a = finetune(w, "lora", steps=1)
+    b = finetune(drawing, "lora", steps=1)
+    assert [p["train_loss"] for p in a.run.curve] == [p["train_loss"] for p in b.run.curve]
+    torch.testing.assert_close(a.run.model[1].lora_A, b.run.model[1].lora_A, rtol=0, atol=0)

@@ -24,6 +24,9 @@ from trainlab.optim import create, state_bytes
 from trainlab.runtime import batch_generator
 
 PREPARE_SEED_OFFSET = 7919  # prepare batches come from their own stream
+# The adapter's random init (LoRA's A, ...) draws from its own seed: the global stream at attach time depends on what
+# the process did before (a workload's first make_model builds and caches its pretrained model, drawing from it).
+ATTACH_SEED_OFFSET = 104729
 # Layers adapted when the caller names none: the digits MLP's hidden layers (its 10-way head is narrower than
 # LoRA-GA's 2r at r = 8), MiniLM's attention query and value (the LoRA paper's); elsewhere every nn.Linear.
 DEFAULT_TARGETS: dict[str, list[str | type]] = {"digits-shifted": ["1", "3"], "minilm-docstrings": ["query", "value"]}
@@ -103,7 +106,9 @@ class AdapterRun:
             for i in range(self.prepare_batches)
         ]
         data = {"batches": batches, "loss": self.workload.loss} if adapters.get_spec(self.method).arrange else {}
-        adapters.attach_(model, self.method, targets=self.targets, **data, **self.config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + ATTACH_SEED_OFFSET)
+            adapters.attach_(model, self.method, targets=self.targets, **data, **self.config)
         adapters.prepare(model, batches, loss=self.workload.loss)
         spec = adapters.get_spec(self.method)
         options = dict(self.callback_options)
