@@ -2,6 +2,7 @@
 
 from trainlab.optim import recipes  # noqa: F401  (registers every named optimizer)
 from trainlab.optim.accounting import state_bytes
+from trainlab.optim.compiled import compile_default, set_compile_default
 from trainlab.optim.model_groups import create_optimizer, routing_table
 from trainlab.optim.optimizer import ChainOptimizer
 from trainlab.optim.registry import OptimizerSpec, create, get_spec, optimizer_names, register_optimizer
@@ -14,6 +15,7 @@ __all__ = [
     "GradientTransform",
     "OptimizerSpec",
     "chain",
+    "compile_default",
     "create",
     "create_optimizer",
     "get_spec",
@@ -22,5 +24,6 @@ __all__ = [
     "partition",
     "register_optimizer",
     "routing_table",
+    "set_compile_default",
     "state_bytes",
 ]

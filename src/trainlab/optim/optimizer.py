@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from trainlab.optim.checks import LR, Check
+from trainlab.optim.compiled import CompiledChain, CompileFailed, compile_default
 from trainlab.optim.routing import Rule
 from trainlab.optim.sharding import dtensor_class
-from trainlab.optim.transform import GradientTransform, is_step_counter
+from trainlab.optim.transform import GradientTransform, has_apply, is_step_counter
 
 # Group keys that are not hyperparameters: what torch.optim and LR schedulers put in a group.
 _SHELL_KEYS = frozenset({"params", "param_names", "chain", "initial_lr"})
@@ -65,6 +66,12 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     Complex parameters are stepped as their real views (``torch.view_as_real``), which is what
     torch.optim does; a recipe for which that is meaningless passes ``refuse_complex`` (the reason).
+
+    ``compiled`` (default: `trainlab.optim.compiled.compile_default()`; set it with `set_compiled` or
+    ``create(..., compile=True)``) runs each chain as one ``torch.compile``d kernel per parameter
+    (`trainlab.optim.compiled`). A chain that cannot be compiled runs eagerly: ``compile_fallback`` maps its
+    name to the reason (and a warning says so once); ``compile_eager_head`` names the leading transforms of a
+    compiled chain that still run eagerly (e.g. ⊥Grad's projection).
     """
 
     def __init__(
@@ -100,6 +107,42 @@ class ChainOptimizer(torch.optim.Optimizer):
         # Group keys a user may set: those feeding a chain, and with a recipe only the ones it declares.
         self._allowed = set(known) & set(self.ranges) if ranges else set(known)
         super().__init__(params, defaults)
+        self.compiled = compile_default()
+        self.compile_fallback: dict[str, str] = {}
+        self.compile_eager_head: dict[str, str] = {}
+        self._runners: dict[str, tuple[GradientTransform, CompiledChain | None]] = {}
+
+    def set_compiled(self, enabled: bool) -> None:
+        """Run the chains compiled (`trainlab.optim.compiled`) or eagerly, from the next step on."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.compiled = enabled
+        if enabled:  # refusals known without compiling are reported now, not at the first step
+            for name in self.chains:
+                self._runner(name)
+
+    def _runner(self, name: str) -> CompiledChain | None:
+        """The compiled runner of chain ``name``, or None where it runs eagerly (the reason recorded)."""
+        runners = self.__dict__.setdefault("_runners", {})
+        chain = self.chains[name]
+        if name in runners and runners[name][0] is chain:
+            return runners[name][1]
+        # New, or the chain was replaced (⊥Grad wraps the chains of a built optimizer).
+        self.compile_fallback.pop(name, None)
+        self.compile_eager_head.pop(name, None)
+        runner = CompiledChain(chain)
+        runners[name] = (chain, runner)
+        if runner.refusal:
+            self._give_up(name, runner.refusal)
+            return None
+        if runner.eager_head:
+            self.compile_eager_head[name] = runner.eager_head
+        return runner
+
+    def _give_up(self, name: str, reason: str) -> None:
+        self.compile_fallback[name] = reason
+        self.__dict__.setdefault("_runners", {})[name] = (self.chains[name], None)
+        warnings.warn(f"compile=True: chain {name!r} runs eagerly ({reason})", RuntimeWarning, stacklevel=4)
 
     def _user_keys(
         self, renames: Mapping[str, Mapping[str, Rename]]
@@ -232,22 +275,58 @@ class ChainOptimizer(torch.optim.Optimizer):
             for p in params:
                 if not self.state[p]:
                     self.state[p].update(chain.init(_real(p), group))
-            if chain.per_parameter and params[0].device.type == "cpu":
+            runner = self._runner(group["chain"]) if getattr(self, "compiled", False) else None
+            if runner is not None and runner.head and chain.per_parameter and params[0].device.type == "cpu":
+                for bucket in _cache_sized(params):  # the eager head's output stays in cache for the kernel
+                    self._step_compiled(runner, group, bucket)
+            elif runner is not None:
+                self._step_compiled(runner, group, params)
+            elif chain.per_parameter and params[0].device.type == "cpu":
                 for bucket in _cache_sized(params):
                     self._step_chain(chain, bucket, group)
             else:
                 self._step_chain(chain, params, group)
+
+    def _step_compiled(self, runner: CompiledChain, group: dict[str, Any], params: list[Tensor]) -> None:
+        views = [_real(p) for p in params]
+        per_param = [self.state[p] for p in params]
+        try:
+            runner.step(views, [_real(p.grad) for p in params], per_param, group)
+        except CompileFailed as failed:  # the parameters it did not step take the eager tail of the chain
+            self._give_up(group["chain"], f"compilation failed: {failed.reason}")
+            rest = [i for i in range(len(views)) if i not in set(failed.stepped)]
+            if not rest:
+                return
+            updates = [failed.updates[i] for i in rest]
+            per_param, views = [per_param[i] for i in rest], [views[i] for i in rest]
+            for prefix, transform in runner.tail:
+                n = len(prefix)
+                own = {k[n:]: [st[k] for st in per_param] for k in per_param[0] if k.startswith(prefix)}
+                updates, own = transform.update(updates, own, views, group)
+                for k, tensors in own.items():
+                    for st, t in zip(per_param, tensors, strict=True):
+                        st[prefix + k] = t
+            self._add_update(views, updates, group["lr"])
 
     def _step_chain(self, chain: GradientTransform, params: list[Tensor], group: dict[str, Any]) -> None:
         per_param = [self.state[p] for p in params]
         keys = per_param[0].keys()
         state = {k: [st[k] for st in per_param] for k in keys}
         views = [_real(p) for p in params]
-        updates, state = chain.update([_real(p.grad) for p in params], state, views, group)
+        grads = [_real(p.grad) for p in params]
+        if has_apply(chain):  # the last transform writes into the parameters itself
+            state = chain.apply(grads, state, views, group)  # type: ignore[misc]
+            updates = None
+        else:
+            updates, state = chain.update(grads, state, views, group)
         for k, tensors in state.items():
             for st, t in zip(per_param, tensors, strict=True):
                 st[k] = t
-        lr = group["lr"]
+        if updates is not None:
+            self._add_update(views, updates, group["lr"])
+
+    @staticmethod
+    def _add_update(views: list[Tensor], updates: list[Tensor], lr: Any) -> None:
         if isinstance(lr, Tensor):
             torch._foreach_add_(views, torch._foreach_mul(updates, -lr))
         else:
@@ -257,7 +336,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     # optimizer also needs its chains, routing and declared ranges, so `copy.deepcopy` and pickle keep every
     # attribute but the hooks.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        # Compiled runners are rebuilt on demand (compiled functions do not pickle).
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k != "_runners"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's `load_state_dict`, with state cast by `restored_state` (torch casts every tensor but a

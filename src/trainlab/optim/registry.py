@@ -105,16 +105,33 @@ def get_spec(name: str) -> OptimizerSpec:
     return _OPTIMIZERS[name]
 
 
-def create(name: str, params: Any, **hyperparameters: Any) -> torch.optim.Optimizer:
+def create(name: str, params: Any, *, compile: bool | None = None, **hyperparameters: Any) -> torch.optim.Optimizer:
     """Build the registered optimizer ``name`` over ``params`` with the paper defaults, overridden.
 
+    ``compile=True`` runs a transform-chain optimizer's chains as ``torch.compile``d fused kernels
+    (`trainlab.optim.compiled`; chains that cannot compile run eagerly, the reason in the optimizer's
+    ``compile_fallback``); None takes `trainlab.optim.set_compile_default`'s setting (False unless changed).
     ``help(get_spec(name).factory)`` shows the hyperparameters, defaults and ranges."""
+    from trainlab.optim.optimizer import ChainOptimizer  # the recipes import this module
+
     spec = get_spec(name)
     unknown = set(hyperparameters) - set(spec.defaults)
     if unknown:
         allowed = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
         raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {name!r}; allowed: {allowed}")
-    return spec.factory(params, **hyperparameters)
+    if compile is not None and not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool or None, got {type(compile).__name__}")
+    optimizer = spec.factory(params, **hyperparameters)
+    if compile is not None:
+        if not isinstance(optimizer, ChainOptimizer):
+            if compile:
+                raise ValueError(
+                    f"compile=True: {name!r} is {type(optimizer).__name__}, not a transform-chain optimizer; "
+                    "only chain recipes (adamw, sgd, lion, ...) compile"
+                )
+        else:
+            optimizer.set_compiled(compile)
+    return optimizer
 
 
 def ranges_of(factory: Factory) -> dict[str, Check]:

@@ -24,11 +24,30 @@ Contract of a transform:
 - ``wide_state``: floating state keys kept in at least float32 whatever the parameter's dtype (e.g. sums
   of products of bfloat16 gradients); every other floating state tensor has the parameter's dtype.
   `ChainOptimizer.load_state_dict` casts by the same rule.
+
+Optional: the traced form, which `trainlab.optim.compiled` compiles into one fused kernel per parameter
+(``create(..., compile=True)``). A transform that has one sets ``compile_refusal = ""`` and defines
+- ``n_scalars`` and ``host_scalars(state, group)``: the step-dependent numbers, computed on the host (bias
+  corrections, step counts, learning-rate products, betas), one row of ``n_scalars`` floats per parameter. It
+  advances the host step counters as ``update`` does. The rows reach the kernel as a tensor, so a changing
+  value (an LR schedule) never recompiles.
+- ``static(group)``: the hashable, structural settings the traced code branches on (e.g. Nesterov); a change
+  of one recompiles, as a change of the code would.
+- ``traced(u, state, param, s, static)``: one parameter's update, from its update ``u`` (never written to),
+  its tensor state (step counters and bool flags stay on the host and are not passed), the parameter and
+  its scalar row ``s``; state and the parameter may be updated in place. The arithmetic follows ``update``
+  op for op, so results agree with the eager chain to the rounding of fused multiply-adds (eager CPU
+  kernels use FMA in places; the compiled CPU code does not).
+A transform without it keeps ``compile_refusal`` (the reason), and the chain runs eagerly.
+
+Optional: the apply contract. A transform may define ``apply(updates, state, params, group)``, the same as
+``update`` followed by ``param -= lr * update``, written straight into the parameters (no full-size update
+buffer, one pass fewer). `ChainOptimizer` calls ``Chain.apply`` when the chain's last transform has one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -63,6 +82,26 @@ class GradientTransform:
     ) -> tuple[list[Tensor], State]:
         return updates, state
 
+    # The traced form (see the module docstring). A subclass that overrides `update` without defining its
+    # traced form inherits this refusal (its class sets compile_refusal = "" once it has one).
+    compile_refusal: ClassVar[str] = "no traced form"
+    n_scalars: ClassVar[int] = 0
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        """``n_scalars`` floats for each of the ``n`` parameters (advancing host step counters)."""
+        return [[] for _ in range(n)]
+
+    def static(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return ()
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        return u
+
+    # The apply contract: None, or a method ``apply(updates, state, params, group) -> State``.
+    apply: Any = None
+
 
 class Chain(GradientTransform):
     """Apply transforms one after another; each keeps its state under its own key prefix."""
@@ -85,6 +124,9 @@ class Chain(GradientTransform):
         )
         refusals = [f"{t.name}: {t.refuses_dtensor}" for t in transforms if t.refuses_dtensor]
         self.refuses_dtensor = "; ".join(refusals)  # type: ignore[misc]
+        no_trace = [f"{t.name}: {why}" for t in transforms if (why := compile_refusal_of(t))]
+        self.compile_refusal = "; ".join(no_trace)  # type: ignore[misc]
+        self.n_scalars = sum(t.n_scalars for t in transforms)  # type: ignore[misc]
 
     def all_hyperparameters(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
@@ -113,6 +155,84 @@ class Chain(GradientTransform):
             updates, own = t.update(updates, own, params, group)
             state.update({prefix + k: v for k, v in own.items()})
         return updates, state
+
+    def _own(self, prefix: str, state: Mapping[str, Any]) -> dict[str, Any]:
+        n = len(prefix)
+        return {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
+
+    @property
+    def applies(self) -> bool:
+        """Whether the last transform writes the final update into the parameters itself (apply contract)."""
+        return has_apply(self.transforms[-1])
+
+    def apply(  # type: ignore[override]
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
+    ) -> State:
+        """``update`` then ``param -= lr * update``, the last step done by the last transform's ``apply``."""
+        *head, (prefix, last) = zip(self.prefixes, self.transforms, strict=True)
+        for p, t in head:
+            own = self._own(p, state)
+            updates, own = t.update(updates, own, params, group)
+            state.update({p + k: v for k, v in own.items()})
+        own = last.apply(updates, self._own(prefix, state), params, group)
+        state.update({prefix + k: v for k, v in own.items()})
+        return state
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        rows: list[list[float]] = [[] for _ in range(n)]
+        for prefix, t in zip(self.prefixes, self.transforms, strict=True):
+            got = t.host_scalars(self._own(prefix, state), group, n)
+            if n and len(got[0]) != t.n_scalars:
+                raise RuntimeError(f"{t.name}.host_scalars gave {len(got[0])} scalars, n_scalars is {t.n_scalars}")
+            for row, more in zip(rows, got, strict=True):
+                row.extend(more)
+        return rows
+
+    def static(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(t.static(group) for t in self.transforms)
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        start = 0
+        for prefix, t, st in zip(self.prefixes, self.transforms, static, strict=True):
+            own = self._own(prefix, state)
+            u = t.traced(u, own, param, s[start : start + t.n_scalars], st)
+            start += t.n_scalars
+        return u
+
+
+def rounded(x: Tensor) -> Tensor:
+    """``x`` itself, in a traced form: where eager rounds a product in its own kernel and then adds to it, the
+    compiled code must not fuse the two into one FMA (it fuses the first product that feeds an addition).
+    ``maximum(x, x)`` is x (NaN included) and stands between the product and the addition."""
+    return torch.maximum(x, x)
+
+
+def compile_refusal_of(transform: GradientTransform) -> str:
+    """Why ``transform`` has no traced form ("" when it has one).
+
+    A subclass that overrides ``update`` but not ``traced`` would inherit a traced form of other arithmetic,
+    so it is refused whatever ``compile_refusal`` it inherited.
+    """
+    if transform.compile_refusal:
+        return transform.compile_refusal
+    mro = type(transform).__mro__
+    owner_update = next(c for c in mro if "update" in c.__dict__)
+    owner_traced = next(c for c in mro if "traced" in c.__dict__)
+    if owner_update is not owner_traced and issubclass(owner_update, owner_traced):
+        return f"{owner_update.__name__} overrides update() without a traced form"
+    return ""
+
+
+def has_apply(transform: GradientTransform) -> bool:
+    """Whether ``transform`` follows the apply contract: an ``apply`` defined with (or below) its ``update``."""
+    if isinstance(transform, Chain):
+        return transform.applies
+    mro = type(transform).__mro__
+    owner_update = next(c for c in mro if "update" in c.__dict__)
+    owner_apply = next((c for c in mro if "apply" in c.__dict__), GradientTransform)
+    return transform.apply is not None and issubclass(owner_apply, owner_update)
 
 
 def chain(*transforms: GradientTransform) -> Chain:

@@ -12,7 +12,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, step_counts
+from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, rounded, step_counts
+
+
+def adam_rows(
+    steps: Sequence[float], betas: Sequence[float], eps: float, a: Sequence[float], b: Sequence[float]
+) -> list[list[float]]:
+    """Host scalars of `traced_adam` per parameter: ``[1−β1, β2, 1−β2, b/a, eps/a]`` (as `adam_ratio` forms them)."""
+    beta1, beta2 = betas
+    return [[1 - beta1, beta2, 1 - beta2, bi / ai, eps / ai] for ai, bi in zip(a, b, strict=True)]
+
+
+def traced_moments_(m: Tensor, v: Tensor, u: Tensor, s: Sequence[Tensor]) -> None:
+    """`update_moments_` for one parameter, with ``s[0:3] = (1−β1, β2, 1−β2)`` as tensors."""
+    m.lerp_(u, s[0])
+    v.copy_(s[2] * u * u + rounded(v * s[1]))  # eager: β2·v rounded, then addcmul's (value·u)·u + that
+
+
+def traced_ratio(numerator: Tensor, v: Tensor, s: Sequence[Tensor]) -> Tensor:
+    """`adam_ratio` for one parameter, with ``s[0:2] = (b/a, eps/a)`` as tensors."""
+    return (rounded(v.sqrt() * s[0]) + s[1]).reciprocal() * numerator
 
 
 def update_moments_(m: list[Tensor], v: list[Tensor], updates: list[Tensor], betas: Sequence[float]) -> None:
@@ -90,6 +109,21 @@ class ScaleByAdam(GradientTransform):
         out = updates if isinstance(updates, Scratch) else None  # spent once in the moments: reuse them
         scales = bias_corrections(steps, group["betas"], raw_eps=self.raw_eps)
         return Scratch(adam_ratio(m, v, group["eps"], *scales, out=out)), state
+
+    compile_refusal = ""
+    n_scalars = 5
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        steps = step_counts(state)
+        scales = bias_corrections(steps, group["betas"], raw_eps=self.raw_eps)
+        return adam_rows(steps, group["betas"], group["eps"], *scales)
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        traced_moments_(m, v, u, s)
+        return traced_ratio(m, v, s[3:])
 
 
 def scale_by_adam() -> ScaleByAdam:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from trainlab.optim.transform import State, step_counts
-from trainlab.optim.transforms.adam import ScaleByAdam, adam_ratio, bias_corrections, update_moments_
+from trainlab.optim.transforms.adam import (
+    ScaleByAdam,
+    adam_ratio,
+    adam_rows,
+    bias_corrections,
+    traced_moments_,
+    traced_ratio,
+    update_moments_,
+)
 
 
 class ScaleByDiffGrad(ScaleByAdam):
@@ -42,6 +50,20 @@ class ScaleByDiffGrad(ScaleByAdam):
         for p, u in zip(prev, updates, strict=True):
             p.copy_(u)
         return out, state
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        steps = step_counts(state)
+        scales = bias_corrections(steps, group["betas"], raw_eps=True)
+        return adam_rows(steps, group["betas"], group["eps"], *scales)
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        m, v, prev = state["exp_avg"], state["exp_avg_sq"], state["previous_grad"]
+        traced_moments_(m, v, u, s)
+        friction = (prev - u).abs().sigmoid() * m
+        prev.copy_(u)
+        return traced_ratio(friction, v, s[3:])
 
 
 def scale_by_diffgrad() -> ScaleByDiffGrad:

@@ -6,7 +6,7 @@ With decoupled weight decay λ, Lion-𝒦 minimizes f subject to the constraint 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,25 @@ class ScaleByLion(GradientTransform):
             torch._foreach_div_(c, torch._foreach_clamp_min(torch._foreach_norm(c), torch.finfo(c[0].dtype).tiny))
         torch._foreach_lerp_(m, updates, 1 - beta2)
         return Scratch(c), state
+
+    compile_refusal = ""
+    n_scalars = 2
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        beta1, beta2 = group["betas"]
+        return [[1 - beta1, 1 - beta2]] * n
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        m = state["exp_avg"]
+        c = m.lerp(u, s[0])
+        if self.k == "l1":
+            c = c.sign()
+        else:
+            c = c / torch.linalg.vector_norm(c).clamp_min(torch.finfo(c.dtype).tiny)
+        m.lerp_(u, s[1])
+        return c
 
 
 def scale_by_lion(k: str = "l1") -> ScaleByLion:

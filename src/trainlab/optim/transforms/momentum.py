@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, Scratch, State
+from trainlab.optim.transform import GradientTransform, Scratch, State, rounded
 
 
 class TraceMomentum(GradientTransform):
@@ -44,6 +44,34 @@ class TraceMomentum(GradientTransform):
                 return updates, state
             return Scratch(torch._foreach_add(updates, bufs, alpha=mu)), state
         return list(bufs), state
+
+    compile_refusal = ""
+    n_scalars = 3
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        mu, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        if nesterov and (mu <= 0 or damp != 0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+        if mu == 0:
+            return [[0.0, 0.0, 0.0]] * n
+        started = torch.stack(state["started"]).tolist()  # host flags: one conversion, no sync
+        for flag in state["started"]:
+            flag.fill_(True)
+        return [[mu, 1 - damp, float(s)] for s in started]
+
+    def static(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (group["momentum"] == 0, bool(group["nesterov"]))
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        off, nesterov = static
+        if off:
+            return u
+        buf = state["momentum_buffer"]
+        # Eager rounds μ·b, then adds (1 − dampening)·u in one FMA (add_ with alpha). A buffer starts as u.
+        buf.copy_(torch.where(s[2] > 0, u * s[1] + rounded(buf * s[0]), u))
+        return u + buf * s[0] if nesterov else buf
 
 
 def trace_momentum() -> TraceMomentum:

@@ -23,8 +23,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, step_counts
-from trainlab.optim.transforms.adam import ScaleByAdam, adam_ratio, bias_corrections, update_moments_
+from trainlab.optim.transform import (
+    GradientTransform,
+    Scratch,
+    State,
+    compile_refusal_of,
+    new_step_counter,
+    step_counts,
+)
+from trainlab.optim.transforms.adam import (
+    ScaleByAdam,
+    adam_ratio,
+    adam_rows,
+    bias_corrections,
+    traced_moments_,
+    traced_ratio,
+    update_moments_,
+)
 
 
 class ScaleByAdamWithResets(ScaleByAdam):
@@ -49,6 +64,24 @@ class ScaleByAdamWithResets(ScaleByAdam):
         # Updates that the previous transform allocated are spent once in the moments: reuse them.
         out = updates if isinstance(updates, Scratch) else None
         return Scratch(adam_ratio(m, v, group["eps"], *self.scales(steps, group), out=out)), state
+
+    n_scalars = 6  # Adam's five, then 0 where the moments reset at this step (1 elsewhere)
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        steps = step_counts(state)
+        interval = group["reset_interval"]
+        rows = adam_rows(steps, group["betas"], group["eps"], *self.scales(steps, group))
+        return [row + [0.0 if k % interval == 0 else 1.0] for row, k in zip(rows, steps, strict=True)]
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        keep = s[5] > 0
+        m.copy_(torch.where(keep, m, 0.0))
+        v.copy_(torch.where(keep, v, 0.0))
+        traced_moments_(m, v, u, s)
+        return traced_ratio(m, v, s[3:])
 
     def scales(self, steps: Sequence[float], group: Mapping[str, Any]) -> tuple[list[float], list[float]]:
         """The `adam_ratio` scales at global steps ``steps``: here with the count since the last reset."""
@@ -110,9 +143,8 @@ class ClipSpikes(GradientTransform):
     def update(
         self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]
     ) -> tuple[list[Tensor], State]:
-        interval, n_acc = group["reset_interval"], group["n_acc"]
-        # The step about to be taken, as the wrapped transform will count it (CPU counters: no sync).
-        due = [i for i, s in enumerate(state["step"]) if (s.item() + 1) % interval >= n_acc]
+        # The step about to be taken, as the wrapped transform will count it (CPU counters: one conversion).
+        due = [i for i, on in enumerate(self._due(state, group)) if on]
         if due:
             limit = torch._foreach_mul([state["exp_avg_sq"][i] for i in due], float(group["theta"]))
             torch._foreach_sqrt_(limit)
@@ -123,6 +155,35 @@ class ClipSpikes(GradientTransform):
             for i, c in zip(due, clipped, strict=True):
                 updates[i] = c
         return self.inner.update(updates, state, params, group)
+
+    @staticmethod
+    def _due(state: State, group: Mapping[str, Any]) -> list[bool]:
+        interval, n_acc = group["reset_interval"], group["n_acc"]
+        return [(k + 1) % interval >= n_acc for k in torch.stack(state["step"]).tolist()]
+
+    @property
+    def compile_refusal(self) -> str:  # type: ignore[override]
+        return compile_refusal_of(self.inner)
+
+    @property
+    def n_scalars(self) -> int:  # type: ignore[override]
+        return 2 + self.inner.n_scalars
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        due = self._due(state, group)  # before the wrapped transform advances the counters
+        inner = self.inner.host_scalars(state, group, n)
+        theta = float(group["theta"])
+        return [[float(on), theta, *row] for on, row in zip(due, inner, strict=True)]
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        limit = (state["exp_avg_sq"] * s[1]).sqrt()
+        clipped = torch.maximum(torch.minimum(u, limit), limit.neg())
+        return self.inner.traced(torch.where(s[0] > 0, clipped, u), state, param, s[2:], static)
+
+    def static(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return self.inner.static(group)
 
 
 def max_abs(tensors: list[Tensor]) -> list[Tensor]:
@@ -175,6 +236,23 @@ class ClipSpikesAdaptive(GradientTransform):
         owned = isinstance(updates, Scratch) or all(c is not g for c, g in zip(clipped, updates, strict=True))
         return (Scratch(clipped) if owned else clipped), state
 
+    compile_refusal = ""
+    n_scalars = 2
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        gamma3 = group["gamma3"]
+        return [[1 - gamma3, 1 - gamma3**k] for k in step_counts(state)]
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        # The eager pass-through where max|g| stays under the limit is the `where` selecting nothing.
+        peak = u.abs().amax()
+        average = state["max_abs_avg"]
+        average.lerp_(peak, s[0])
+        limit = average / s[1]
+        return torch.where(u.abs() > limit, u * (limit / peak), u)
+
 
 class NormalizeGradientNorm(GradientTransform):
     """Stable-SPAM's AdaGN: ``ĝ = g/‖g‖ · m̂_n/(sqrt(v̂_n) + eps)`` per tensor.
@@ -221,6 +299,24 @@ class NormalizeGradientNorm(GradientTransform):
             torch._foreach_mul_(updates, factors)
             return updates, state
         return Scratch(torch._foreach_mul(updates, factors)), state
+
+    compile_refusal = ""
+    n_scalars = 5
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        gamma1, gamma2 = group["gamma1"], group["gamma2"]
+        steps = step_counts(state)
+        return [[1 - gamma1, 1 - gamma2, 1 - gamma2**k, float(group["eps"]), 1 - gamma1**k] for k in steps]
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        norm = torch.linalg.vector_norm(u)
+        state["norm_avg"].lerp_(norm, s[0])
+        state["norm_sq_avg"].lerp_(norm * norm, s[1])
+        denom = ((state["norm_sq_avg"] / s[2]).sqrt() + s[3]) * s[4]
+        denom = denom * (norm + (1 - norm.sign()))  # divide by 1 where g is all zeros
+        return u * (state["norm_avg"] / denom)
 
 
 def scale_by_adam_with_resets() -> ScaleByAdamWithResets:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, Scratch, State
+from trainlab.optim.transform import GradientTransform, Scratch, State, rounded
 
 
 class AddWeightDecay(GradientTransform):
@@ -29,6 +29,20 @@ class AddWeightDecay(GradientTransform):
             return updates, state
         return Scratch(torch._foreach_add(updates, params, alpha=wd)), state
 
+    compile_refusal = ""
+    n_scalars = 1
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        return [[float(group["weight_decay"])]] * n
+
+    def static(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (group["weight_decay"] == 0,)
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        return u if static[0] else u + param * s[0]
+
 
 class DecoupledWeightDecay(GradientTransform):
     """Decoupled decay ``p <- p * (1 - lr * weight_decay)``, applied to the parameters before the step.
@@ -48,6 +62,22 @@ class DecoupledWeightDecay(GradientTransform):
         if wd != 0:
             torch._foreach_mul_(params, 1 - group["lr"] * wd)
         return updates, state
+
+    compile_refusal = ""
+    n_scalars = 1
+
+    def host_scalars(self, state: State, group: Mapping[str, Any], n: int) -> list[list[float]]:
+        return [[float(1 - group["lr"] * group["weight_decay"])]] * n
+
+    def static(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (group["weight_decay"] == 0,)
+
+    def traced(
+        self, u: Tensor, state: dict[str, Tensor], param: Tensor, s: Sequence[Tensor], static: tuple[Any, ...]
+    ) -> Tensor:
+        if not static[0]:
+            param.copy_(rounded(param * s[0]))  # eager rounds the decayed parameter before the step adds to it
+        return u
 
 
 def add_weight_decay() -> AddWeightDecay:
