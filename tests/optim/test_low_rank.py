@@ -528,3 +528,69 @@ def test_gradnorm_lorp_refuses_zero_rows():
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="zero row"):
         opt.step()
+
+
+# ---- the apply contract: the projected step accumulated into the parameter ----
+
+
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("galore", {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "weight_decay": 0.1}),
+        ("frugal", {"density": 0.5, "update_gap": 2, "inactive_lr_scale": 0.1}),
+        ("frugal", {"density": 0.5, "update_gap": 2, "projection": "random", "inactive_update_rule": "sgd"}),
+        ("frugal", {"density": 0.5, "update_gap": 2, "projection": "blocks", "reset_statistics": False}),
+    ],
+)
+def test_low_rank_apply_equals_update_then_add(name, hp):
+    """ProjectSubspace.apply (addmm_/index_add_ into the parameter, Adam by torch's fused kernel with its bias
+    factor folded into the step size) against update + ``param -= lr·update``, in float64 over 5 steps with two
+    refreshes; a tensor lr and a non-contiguous parameter take the second form, so they agree too."""
+    lr = 0.01
+    torch.manual_seed(0)
+    applied = make_params()
+    opt = create(name, applied, lr=lr, **hp)
+    torch.manual_seed(0)
+    added = make_params()
+    ref = create(name, added, lr=lr, **hp)
+    for t in range(5):
+        for i, (p, q) in enumerate(zip(applied, added, strict=True)):
+            p.grad, q.grad = grad(p, t, i), grad(q, t, i)
+        torch.manual_seed(t)  # the random projection draws its seeds from the global RNG at the first step
+        opt.step()
+        torch.manual_seed(t)
+        (group,) = ref.param_groups  # every parameter here has 2+ dimensions: one group, the method's chain
+        chain_ = ref.chains[group["chain"]]
+        params = group["params"]
+        for p in params:
+            if not ref.state[p]:
+                ref.state[p].update(chain_.init(p, group))
+        state = {k: [ref.state[p][k] for p in params] for k in ref.state[params[0]]}
+        with torch.no_grad():  # the same chain, stepped through update and the shell's add
+            out, state = chain_.update([p.grad for p in params], state, params, group)
+            torch._foreach_add_(params, out, alpha=-lr)
+        for k, tensors in state.items():
+            for p, v in zip(params, tensors, strict=True):
+                ref.state[p][k] = v
+    for p, q in zip(applied, added, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-13, rtol=0)
+    assert not torch.equal(applied[0].detach(), make_params()[0].detach())
+
+
+def test_low_rank_apply_takes_update_for_tensor_lr_and_strided_params():
+    base = make_params([(6, 4), (4, 6)])
+    strided = [nn.Parameter(p.detach().mT.contiguous().mT) for p in base]  # same values, column-major
+    dense = make_params([(6, 4), (4, 6)])
+    hp = {"rank": 2, "update_proj_gap": 2}
+    tensor_lr = make_params([(6, 4), (4, 6)])
+    runs = [
+        (strided, create("galore", strided, lr=0.01, **hp)),
+        (dense, create("galore", dense, lr=0.01, **hp)),
+        (tensor_lr, create("galore", tensor_lr, lr=torch.tensor(0.01, dtype=torch.float64), **hp)),
+    ]
+    for params, opt in runs:
+        run(opt, params, 3)
+    for p, q, r in zip(*(params for params, _ in runs), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-13, rtol=0)
+        torch.testing.assert_close(r.detach(), q.detach(), atol=1e-13, rtol=0)
+    assert not strided[0].is_contiguous()

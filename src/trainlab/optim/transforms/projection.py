@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from trainlab.optim.sharding import gather_stacked, gather_whole, is_sharded, layout_of, local, matrix_shape, reshard
-from trainlab.optim.transform import GradientTransform, State, new_step_counter, step_counts
-from trainlab.optim.transforms.adam import ScaleByAdam
+from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, step_counts
+from trainlab.optim.transforms.adam import ScaleByAdam, bias_corrections, update_moments_
 
 INACTIVE_RULES = ("no", "sign_sgd", "sgd")
 
@@ -82,6 +82,10 @@ class Projector(ABC):
         """``g − P⁻¹(low)`` with ``low = P(g)``: the part of ``g`` that the inner transform does not see."""
         return g - self.up(low, state, tuple(g.shape))
 
+    def add_up_(self, target: Tensor, r: Tensor, state: dict[str, Tensor], alpha: float) -> None:
+        """``target += alpha·P⁻¹(r)`` in place (a projector that can skips the full-size ``P⁻¹(r)``)."""
+        target.add_(self.up(r, state, tuple(target.shape)), alpha=alpha)
+
 
 class SVDProjector(Projector):
     """GaLore's projector: the top-r singular vectors of the gradient on the smaller side, stored as an
@@ -100,7 +104,9 @@ class SVDProjector(Projector):
                 continue
             u, _, vh = torch.linalg.svd(g if g.dtype == torch.float64 else g.float(), full_matrices=False)
             basis = vh[:rank].mT if _projected_dim(tuple(g.shape)) == 1 else u[:, :rank]
-            state["basis"][i] = basis.to(g.dtype).contiguous()
+            # Stored transposed (each singular vector contiguous, side × r with strides (1, side)): the four
+            # GEMMs of a step run about 10% faster with it than with a row-major side × r basis (MKL, 1 thread).
+            state["basis"][i] = basis.to(g.dtype).mT.contiguous().mT
 
     def down(self, g: Tensor, state: dict[str, Tensor]) -> Tensor:
         q = state["basis"]
@@ -109,6 +115,13 @@ class SVDProjector(Projector):
     def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
         q = state["basis"]
         return r @ q.mT if _projected_dim(shape) == 1 else q @ r
+
+    def add_up_(self, target: Tensor, r: Tensor, state: dict[str, Tensor], alpha: float) -> None:
+        q = state["basis"]  # one GEMM accumulating into target: no full-size product, no separate add pass
+        if _projected_dim(tuple(target.shape)) == 1:
+            target.addmm_(r, q.mT, alpha=alpha)
+        else:
+            target.addmm_(q, r, alpha=alpha)
 
     def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
         """``g − QQᵀg`` (or ``g − gQQᵀ``), exactly zero when it is zero in exact arithmetic.
@@ -180,6 +193,9 @@ class CoordinateProjector(Projector):
     def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
         return r.new_zeros(shape).index_copy_(_projected_dim(shape), state["index"], r)
 
+    def add_up_(self, target: Tensor, r: Tensor, state: dict[str, Tensor], alpha: float) -> None:
+        target.index_add_(_projected_dim(tuple(target.shape)), state["index"], r, alpha=alpha)
+
     def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
         return g.index_fill(_projected_dim(tuple(g.shape)), state["index"], 0)
 
@@ -218,7 +234,10 @@ class ProjectSubspace(GradientTransform):
     """
 
     name = "project_subspace"
-    per_parameter = True  # each matrix's step reads only its own gradient, state and projector
+    # Each matrix's step reads only its own gradient, state and projector, but the chain is not run on cache-sized
+    # slices: its full-size work is one GEMM per matrix either way, and on 8 matrices of 1 MiB the per-slice
+    # overhead cost 0.45 ms of a 9.5 ms step (1 thread).
+    per_parameter = False
     hyperparameters = {
         "rank": 0.25,
         "update_proj_gap": 200,
@@ -254,12 +273,56 @@ class ProjectSubspace(GradientTransform):
         if rule not in INACTIVE_RULES:
             raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
         whole, layouts = gather_whole(updates)  # FSDP2: one explicit all-gather per matrix
-        out = self._update_whole(whole, state, params, group, rule)
+        grads, per, low, rest, _ = self._low_rank_step(whole, state, params, group, rule)
+        if group["scale"] != 1:  # on the low-rank side: r/min(m, n) of the work
+            low = _scaled(low, group["scale"])
+        out = [self.projector.up(r, st, tuple(g.shape)) for r, st, g in zip(low, per, grads, strict=True)]
+        if rest:
+            if rule == "sign_sgd":
+                torch._foreach_sign_(rest)
+            torch._foreach_add_(out, rest, alpha=group["inactive_lr_scale"])
+        out = [o.reshape(u.shape) for o, u in zip(out, whole, strict=True)]
         return [reshard(o, layout) for o, layout in zip(out, layouts, strict=True)], state
 
-    def _update_whole(
-        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any], rule: str
-    ) -> list[Tensor]:
+    def apply(self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]) -> State:
+        """`update` and ``param −= lr·update`` in one (the apply contract): the projected step accumulates into
+        each parameter (``addmm_`` with the basis, ``index_add_`` for coordinates) with ``alpha = −lr·scale``, so
+        no full-size update is formed and added. FSDP2 parameters, a tensor lr and parameters that are not
+        contiguous take `update` and an add."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor) or any(is_sharded(p) or not p.is_contiguous() for p in params):
+            out, state = self.update(updates, state, params, group)
+            if isinstance(lr, Tensor):
+                torch._foreach_add_(params, torch._foreach_mul(out, -lr))
+            else:
+                torch._foreach_add_(params, out, alpha=-lr)
+            return state
+        rule = group["inactive_update_rule"]
+        if rule not in INACTIVE_RULES:
+            raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
+        grads, per, low, rest, factors = self._low_rank_step(updates, state, params, group, rule, fold=True)
+        alpha = -lr * group["scale"]
+        for p, r, st, f in zip(params, low, per, factors, strict=True):
+            self.projector.add_up_(_matrix(p), r, st, alpha * f)
+        if rest:
+            if rule == "sign_sgd":
+                torch._foreach_sign_(rest)
+            torch._foreach_add_([_matrix(p) for p in params], rest, alpha=-lr * group["inactive_lr_scale"])
+        return state
+
+    def _low_rank_step(
+        self,
+        updates: list[Tensor],
+        state: State,
+        params: list[Tensor],
+        group: Mapping[str, Any],
+        rule: str,
+        fold: bool = False,
+    ) -> tuple[list[Tensor], list[dict[str, Tensor]], list[Tensor], list[Tensor], list[float]]:
+        """Refresh the projectors that are due, project, run the inner transform: the matrices, each one's
+        projector state, the inner transform's low-rank directions, the residuals (empty for rule "no") and
+        per-matrix factors of the directions (1, or with ``fold`` Adam's bias correction, left to the caller
+        to fold into its step size)."""
         grads = [_matrix(u) for u in updates]
         gap = group["update_proj_gap"]
         refreshes = [i for i, t in enumerate(step_counts(state)) if (int(t) - 1) % gap == 0]
@@ -271,19 +334,81 @@ class ProjectSubspace(GradientTransform):
                 for tensors in inner_state.values():
                     torch._foreach_zero_([tensors[i] for i in refreshes])
         per = [{k: v[i] for k, v in own.items()} for i in range(len(grads))]
-        low = [self.projector.down(g, st) for g, st in zip(grads, per, strict=True)]
+        # The projections are new buffers of this step: the inner transform may write its result into them.
+        low = Scratch(self.projector.down(g, st) for g, st in zip(grads, per, strict=True))
         rest = [] if rule == "no" else [self.projector.residual(*a) for a in zip(grads, low, per, strict=True)]
-        low, inner_state = self.inner.update(low, inner_state, params, group)
-        if group["scale"] != 1:  # on the low-rank side: r/min(m, n) of the work (not in place: may be state)
-            low = torch._foreach_mul(low, group["scale"])
-        out = [self.projector.up(r, st, tuple(g.shape)) for r, st, g in zip(low, per, grads, strict=True)]
-        if rest:
-            if rule == "sign_sgd":
-                torch._foreach_sign_(rest)
-            torch._foreach_add_(out, rest, alpha=group["inactive_lr_scale"])
+        adam = isinstance(self.inner, ScaleByAdam) and type(self.inner).update is ScaleByAdam.update
+        if fold and adam and low and low[0].device.type == "cpu" and low[0].dtype in _FUSED_ADAM_DTYPES:
+            low, factors = _adam_fused(low, inner_state, group, self.inner.raw_eps), [-1.0] * len(low)
+        elif fold and adam:
+            low, factors = _adam_unscaled(low, inner_state, group, self.inner.raw_eps)
+        else:
+            low, inner_state = self.inner.update(low, inner_state, params, group)
+            factors = [1.0] * len(low)
         state.update(own)
         state.update({_INNER + k: v for k, v in inner_state.items()})
-        return [o.reshape(u.shape) for o, u in zip(out, updates, strict=True)]
+        return grads, per, low, rest, factors
+
+
+_FUSED_ADAM_DTYPES = (torch.float32, torch.float64)
+
+
+def _adam_fused(low: list[Tensor], state: State, group: Mapping[str, Any], raw_eps: bool) -> list[Tensor]:
+    """`ScaleByAdam`'s step on the low-rank ``low``, negated: ``−a·m/(b·sqrt(v) + eps)``, by torch's fused Adam
+    kernel (one pass over moments and gradient, into a zeroed buffer: its "parameter") instead of six foreach
+    passes. The raw-eps form is Adam with ``eps·sqrt(1−β2^t)⁻¹``: ``sqrt(1−β2^t)/(1−β1^t)·m/(sqrt(v) + eps)`` equals
+    ``(m/(1−β1^t)) / (sqrt(v/(1−β2^t)) + eps/sqrt(1−β2^t))``."""
+    steps = step_counts(state)
+    beta1, beta2 = group["betas"]
+    out = [torch.zeros_like(x) for x in low]
+    by_step: dict[float, list[int]] = {}
+    for i, t in enumerate(steps):
+        by_step.setdefault(t, []).append(i)
+    for t, idx in by_step.items():  # one call per step count (all equal unless parameters joined late)
+        eps = group["eps"] * (1 - beta2**t) ** -0.5 if raw_eps else group["eps"]
+        m, v, step = ([state[key][i] for i in idx] for key in ("exp_avg", "exp_avg_sq", "step"))
+        torch._fused_adam_(
+            [out[i] for i in idx],
+            [low[i] for i in idx],
+            m,
+            v,
+            [],
+            step,
+            amsgrad=False,
+            lr=1.0,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=eps,
+            maximize=False,
+        )
+    return out
+
+
+def _adam_unscaled(
+    low: list[Tensor], state: State, group: Mapping[str, Any], raw_eps: bool
+) -> tuple[list[Tensor], list[float]]:
+    """`ScaleByAdam`'s step on the low-rank ``low`` (written into it) without its per-matrix bias factor, which is
+    returned for the caller's step size: ``a·m/(b·sqrt(v) + eps) = (a/b) · m/(sqrt(v) + eps/b)``, six passes
+    over the low-rank tensors instead of eight."""
+    steps = step_counts(state)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    update_moments_(m, v, low, group["betas"])
+    a, b = bias_corrections(steps, group["betas"], raw_eps=raw_eps)
+    for o, vi in zip(low, v, strict=True):
+        torch.sqrt(vi, out=o)
+    torch._foreach_add_(low, [group["eps"] / bi for bi in b])
+    for o, mi in zip(low, m, strict=True):
+        torch.div(mi, o, out=o)
+    return low, [ai / bi for ai, bi in zip(a, b, strict=True)]
+
+
+def _scaled(updates: list[Tensor], scale: float) -> list[Tensor]:
+    """``scale·updates``, in place for a `Scratch` list (else new tensors: they may be state)."""
+    if isinstance(updates, Scratch):
+        torch._foreach_mul_(updates, scale)
+        return updates
+    return torch._foreach_mul(updates, scale)
 
 
 def project_subspace(projection: str, inner: GradientTransform) -> ProjectSubspace:
