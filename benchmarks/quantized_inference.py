@@ -210,6 +210,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=32, help="MiniLM tokens per sequence")
     p.add_argument("--new", type=int, default=16, help="pylm bytes generated")
     p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 8], choices=[4, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="MiniLM sentences per forward")
+    p.add_argument("--no-pylm", action="store_true")
     p.add_argument("--profile", action="store_true", help="add the batch-1 profile of float32 and the kernel")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -226,10 +229,10 @@ def main() -> None:
         "",
     ]
     encoder, vocab = minilm()
-    lm = pylm_model()
-    for bits in (4, 8):
+    lm = None if args.no_pylm else pylm_model()
+    for bits in args.bits:
         models, notes = variants(encoder, bits, not args.no_torchao)
-        for batch in (1, 8):
+        for batch in args.batches:
             ids = torch.randint(1000, vocab, (batch, args.seq))
             mask = torch.ones_like(ids)
             print(f"MiniLM {bits}-bit batch {batch}", file=sys.stderr, flush=True)
@@ -249,6 +252,8 @@ def main() -> None:
                 lines += [f"- {k}: " + ", ".join(f"{c} {v:.0%}" for c, v in p.items()) for k, p in profiles.items()]
                 lines += [""]
         lines += [f"- {k}: {v}" for k, v in notes.items()]
+        if args.no_pylm:
+            continue
         models, notes = variants(lm, bits, not args.no_torchao)
         prompt = torch.randint(0, 256, (1, 64))
         print(f"pylm {bits}-bit generation", file=sys.stderr, flush=True)
