@@ -125,3 +125,9 @@ def test_embedding_quantization_of_a_runtime_result_keeps_the_kernels():
     result = quantize_embeddings(compress(TiedLM(tie=False), [("hidden|lm_head", "rtn", 4)]), 4)
     assert isinstance(result.model.lm_head, QuantizedLinear) and "embed" in result.weights
     assert isinstance(result.model.embed, nn.Embedding)
+
+
+def test_a_kernel_layer_moved_off_the_cpu_says_what_to_do():
+    layer = compress(_mlp(), [(".*", "rtn", 4)], group_size=32).model[0]
+    with pytest.raises(RuntimeError, match="runs on the CPU, the input is on meta"):
+        layer(torch.empty(2, 64, device="meta"))

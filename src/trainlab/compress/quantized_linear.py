@@ -237,6 +237,12 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "dequantize":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.packed.dequantize(x.dtype).reshape(self.out_features, -1), bias)
+        if x.device.type != "cpu":
+            raise RuntimeError(
+                f"QuantizedLinear's {self.kernel} kernel runs on the CPU, the input is on {x.device.type}: compress or "
+                "load the model on that device (weights off the CPU take the dequantize-once cache), or use "
+                "runtime='float'"
+            )
         if self.kernel == "int8-dynamic":
             return self._forward_dynamic(x)
         flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()  # the kernels need contiguous rows
