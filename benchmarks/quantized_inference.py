@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from report import publish  # benchmarks/report.py
@@ -79,6 +80,49 @@ def torchao_int4(model: nn.Module) -> nn.Module | str:
     return out
 
 
+class _QKVPart(nn.Module):
+    """One of a self-attention's query/key/value projections after :func:`fuse_qkv`: the query part runs one
+    QuantizedLinear over the three stacked weights and keeps the result; key and value slice it (they receive
+    the same hidden states right after the query, as in Hugging Face's BertSelfAttention)."""
+
+    def __init__(self, index: int, width: int, fused: QuantizedLinear | None = None) -> None:
+        super().__init__()
+        self.index, self.width, self.fused = index, width, fused
+        self.result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            self.result = (x, self.fused(x))
+            y = self.result[1]
+        else:
+            source, y = self.owner.result
+            if source is not x:
+                raise RuntimeError("fused QKV: key/value got other hidden states than the query")
+        return y[..., self.index * self.width : (self.index + 1) * self.width]
+
+
+def fuse_qkv(model: nn.Module, weights: dict) -> nn.Module:
+    """An experiment (not a library feature): a copy of a BERT-style model whose query, key and value projections
+    run as one QuantizedLinear call over the stacked (3 x width, width) packed weight."""
+    out = copy.deepcopy(model)
+    for name, module in out.named_modules():
+        if not all(hasattr(module, k) for k in ("query", "key", "value")):
+            continue
+        parts = [weights[f"{name}.{k}"] for k in ("query", "key", "value")]
+        stacked = replace(
+            parts[0], **{f: torch.cat([getattr(q, f) for q in parts]) for f in ("codes", "scale", "zero")}
+        )
+        bias = torch.cat([getattr(module, k).bias for k in ("query", "key", "value")])
+        width = parts[0].shape[0]
+        query = _QKVPart(0, width, QuantizedLinear(stacked, bias))
+        module.query = query
+        for i, k in ((1, "key"), (2, "value")):
+            part = _QKVPart(i, width)
+            object.__setattr__(part, "owner", query)  # not a submodule: no second copy of the fused layer
+            setattr(module, k, part)
+    return out
+
+
 def variants(model: nn.Module, bits: int, with_torchao: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
     layers = [(n, "rtn", bits) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     result = compress(model, layers, group_size=128 if bits == 4 else None)  # QuantizedLinear, mode "auto"
@@ -92,6 +136,8 @@ def variants(model: nn.Module, bits: int, with_torchao: bool) -> tuple[dict[str,
         f"kernel ({'/'.join(kernels)})": kernel,
         "kernel, bf16 model": copy.deepcopy(kernel).bfloat16(),
     }
+    if bits == 4 and any(n.endswith(".query") for n in result.weights):
+        out["kernel, bf16 model, QKV fused (experiment)"] = fuse_qkv(kernel, result.weights).bfloat16()
     channel = result if bits == 8 else compress(model, layers)  # one scale per output channel
     if bits == 4:
         out["kernel, per channel"] = channel.model
