@@ -300,7 +300,11 @@ class ProjectSubspace(GradientTransform):
         rule = group["inactive_update_rule"]
         if rule not in INACTIVE_RULES:
             raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
-        grads, per, low, rest, factors = self._low_rank_step(updates, state, params, group, rule, fold=True)
+        adam = isinstance(self.inner, ScaleByAdam) and type(self.inner).update is ScaleByAdam.update
+        if adam and params[0].device.type == "cpu" and all(p.dtype in _FUSED_ADAM_DTYPES for p in params):
+            self._apply_fused_adam(updates, state, params, group, rule)
+            return state
+        grads, per, low, rest, factors = self._low_rank_step(updates, state, params, group, rule, fold=adam)
         alpha = -lr * group["scale"]
         for p, r, st, f in zip(params, low, per, factors, strict=True):
             self.projector.add_up_(_matrix(p), r, st, alpha * f)
@@ -309,6 +313,60 @@ class ProjectSubspace(GradientTransform):
                 torch._foreach_sign_(rest)
             torch._foreach_add_([_matrix(p) for p in params], rest, alpha=-lr * group["inactive_lr_scale"])
         return state
+
+    def _apply_fused_adam(
+        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any], rule: str
+    ) -> None:
+        """`apply` with an Adam inner transform on the CPU, one matrix at a time (its low-rank tensors stay in
+        cache from the projection to the step): project, Adam by torch's fused kernel (one pass over gradient and
+        moments, into a zeroed buffer, its "parameter", which then holds ``−a·m/(b·sqrt(v) + eps)``; the raw-eps
+        form is Adam with ``eps/sqrt(1−β2^t)``), accumulate into the parameter, add the residual's rule."""
+        grads, per, own, inner = self._prepare(updates, state, group)
+        steps = step_counts(inner)
+        beta1, beta2 = group["betas"]
+        lr, raw = group["lr"], self.inner.raw_eps  # type: ignore[attr-defined]
+        for i, (p, g, st, t) in enumerate(zip(params, grads, per, steps, strict=True)):
+            low = self.projector.down(g, st)
+            rest = None if rule == "no" else self.projector.residual(g, low, st)
+            out = torch.zeros_like(low)
+            torch._fused_adam_(
+                [out],
+                [low],
+                [inner["exp_avg"][i]],
+                [inner["exp_avg_sq"][i]],
+                [],
+                [inner["step"][i]],
+                amsgrad=False,
+                lr=1.0,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=group["eps"] * (1 - beta2**t) ** -0.5 if raw else group["eps"],
+                maximize=False,
+            )
+            self.projector.add_up_(_matrix(p), out, st, lr * group["scale"])
+            if rest is not None:
+                _matrix(p).add_(rest.sign_() if rule == "sign_sgd" else rest, alpha=-lr * group["inactive_lr_scale"])
+        state.update(own)
+        state.update({_INNER + k: v for k, v in inner.items()})
+
+    def _prepare(
+        self, updates: list[Tensor], state: State, group: Mapping[str, Any]
+    ) -> tuple[list[Tensor], list[dict[str, Tensor]], State, State]:
+        """Count the step and refresh the projectors that are due: the matrices, each one's projector state, and
+        the projector's and the inner transform's state lists."""
+        grads = [_matrix(u) for u in updates]
+        gap = group["update_proj_gap"]
+        refreshes = [i for i, t in enumerate(step_counts(state)) if (int(t) - 1) % gap == 0]
+        inner_state = {k[len(_INNER) :]: v for k, v in state.items() if k.startswith(_INNER)}
+        own = {k: v for k, v in state.items() if not k.startswith(_INNER) and k != "step"}
+        if refreshes:
+            self.projector.refresh(grads, own, refreshes)
+            if group["reset_statistics"]:
+                for tensors in inner_state.values():
+                    torch._foreach_zero_([tensors[i] for i in refreshes])
+        per = [{k: v[i] for k, v in own.items()} for i in range(len(grads))]
+        return grads, per, own, inner_state
 
     def _low_rank_step(
         self,
@@ -321,27 +379,14 @@ class ProjectSubspace(GradientTransform):
     ) -> tuple[list[Tensor], list[dict[str, Tensor]], list[Tensor], list[Tensor], list[float]]:
         """Refresh the projectors that are due, project, run the inner transform: the matrices, each one's
         projector state, the inner transform's low-rank directions, the residuals (empty for rule "no") and
-        per-matrix factors of the directions (1, or with ``fold`` Adam's bias correction, left to the caller
-        to fold into its step size)."""
-        grads = [_matrix(u) for u in updates]
-        gap = group["update_proj_gap"]
-        refreshes = [i for i, t in enumerate(step_counts(state)) if (int(t) - 1) % gap == 0]
-        inner_state = {k[len(_INNER) :]: v for k, v in state.items() if k.startswith(_INNER)}
-        own = {k: v for k, v in state.items() if not k.startswith(_INNER) and k != "step"}
-        if refreshes:
-            self.projector.refresh(grads, own, refreshes)
-            if group["reset_statistics"]:
-                for tensors in inner_state.values():
-                    torch._foreach_zero_([tensors[i] for i in refreshes])
-        per = [{k: v[i] for k, v in own.items()} for i in range(len(grads))]
+        per-matrix factors of the directions (1, or with ``fold`` (an Adam inner transform) Adam's bias
+        correction, left to the caller to fold into its step size)."""
+        grads, per, own, inner_state = self._prepare(updates, state, group)
         # The projections are new buffers of this step: the inner transform may write its result into them.
         low = Scratch(self.projector.down(g, st) for g, st in zip(grads, per, strict=True))
         rest = [] if rule == "no" else [self.projector.residual(*a) for a in zip(grads, low, per, strict=True)]
-        adam = isinstance(self.inner, ScaleByAdam) and type(self.inner).update is ScaleByAdam.update
-        if fold and adam and low and low[0].device.type == "cpu" and low[0].dtype in _FUSED_ADAM_DTYPES:
-            low, factors = _adam_fused(low, inner_state, group, self.inner.raw_eps), [-1.0] * len(low)
-        elif fold and adam:
-            low, factors = _adam_unscaled(low, inner_state, group, self.inner.raw_eps)
+        if fold:
+            low, factors = _adam_unscaled(low, inner_state, group, self.inner.raw_eps)  # type: ignore[attr-defined]
         else:
             low, inner_state = self.inner.update(low, inner_state, params, group)
             factors = [1.0] * len(low)
@@ -351,38 +396,6 @@ class ProjectSubspace(GradientTransform):
 
 
 _FUSED_ADAM_DTYPES = (torch.float32, torch.float64)
-
-
-def _adam_fused(low: list[Tensor], state: State, group: Mapping[str, Any], raw_eps: bool) -> list[Tensor]:
-    """`ScaleByAdam`'s step on the low-rank ``low``, negated: ``−a·m/(b·sqrt(v) + eps)``, by torch's fused Adam
-    kernel (one pass over moments and gradient, into a zeroed buffer: its "parameter") instead of six foreach
-    passes. The raw-eps form is Adam with ``eps·sqrt(1−β2^t)⁻¹``: ``sqrt(1−β2^t)/(1−β1^t)·m/(sqrt(v) + eps)`` equals
-    ``(m/(1−β1^t)) / (sqrt(v/(1−β2^t)) + eps/sqrt(1−β2^t))``."""
-    steps = step_counts(state)
-    beta1, beta2 = group["betas"]
-    out = [torch.zeros_like(x) for x in low]
-    by_step: dict[float, list[int]] = {}
-    for i, t in enumerate(steps):
-        by_step.setdefault(t, []).append(i)
-    for t, idx in by_step.items():  # one call per step count (all equal unless parameters joined late)
-        eps = group["eps"] * (1 - beta2**t) ** -0.5 if raw_eps else group["eps"]
-        m, v, step = ([state[key][i] for i in idx] for key in ("exp_avg", "exp_avg_sq", "step"))
-        torch._fused_adam_(
-            [out[i] for i in idx],
-            [low[i] for i in idx],
-            m,
-            v,
-            [],
-            step,
-            amsgrad=False,
-            lr=1.0,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=0.0,
-            eps=eps,
-            maximize=False,
-        )
-    return out
 
 
 def _adam_unscaled(
