@@ -72,10 +72,10 @@ def hutchinson_diagonal_of_known_hessian() -> ClaimResult:
 
 
 @functools.cache
-def _digits_mlp_runs() -> dict[str, dict[str, Any]]:
-    """One run of the five algorithms on digits-mlp per seed: median steps and wall time to the target,
-    median step time, and optimizer state in multiples of the (float32) parameter bytes."""
-    workload = get_workload("digits-mlp")
+def _steps_runs(workload_name: str = "digits-mlp") -> dict[str, dict[str, Any]]:
+    """One run of the five algorithms on ``workload_name`` per seed: median and range of the steps to the target,
+    median wall time to it, median step time, and optimizer state in multiples of the (float32) parameter bytes."""
+    workload = get_workload(workload_name)
     out: dict[str, dict[str, Any]] = {}
     for algorithm in ("adamw", "sgd", "adahessian", "mfac", "mkor"):
         hp = resolve_hyperparameters(algorithm, workload)
@@ -89,6 +89,7 @@ def _digits_mlp_runs() -> dict[str, dict[str, Any]]:
         out[algorithm] = {
             "reached": len(reached),
             "steps": statistics.median(r.steps_to_target for r in reached) if reached else None,
+            "per seed": [r.steps_to_target for r in runs],
             "time_s": round(statistics.median(r.time_to_target_s for r in reached), 2) if reached else None,
             "step_ms": round(1e3 * statistics.median(t for r in runs for t in r.step_times_s), 3),
             "hyperparameters": {k: hp[k] for k in workload.hyperparameters.get(algorithm, {})},
@@ -97,15 +98,18 @@ def _digits_mlp_runs() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _digits_claim(method: str) -> ClaimResult:
-    runs = _digits_mlp_runs()
+def _steps_claim(method: str, workload_name: str = "digits-mlp") -> ClaimResult:
+    runs = _steps_runs(workload_name)
     ours = runs[method]
+    workload = get_workload(workload_name)
+    target = f"{workload.target:g}"
 
     def row(name: str) -> dict[str, Any]:
         r = runs[name]
         return {
-            f"{name} median steps to 0.95": r["steps"],
-            f"{name} median time to 0.95 (s)": r["time_s"],
+            f"{name} median steps to {target}": r["steps"],
+            f"{name} steps per seed": r["per seed"],
+            f"{name} median time to {target} (s)": r["time_s"],
             f"{name} step (ms)": r["step_ms"],
             f"{name} state (x params)": r["state"],
         }
@@ -120,14 +124,20 @@ def _digits_claim(method: str) -> ClaimResult:
         measured={**row(method), "seeds reaching target": f"{ours['reached']}/{len(SEEDS)}"},
         baseline={**row("adamw"), **row("sgd")},
         passed=ours["reached"] == len(SEEDS) and _fewer_steps(ours["steps"], runs["adamw"]["steps"]),
-        note=f"fewer steps than both AdamW and SGD: {'yes' if fewer else 'no'}; less wall time: "
+        note=f"{workload_name}; fewer steps than both AdamW and SGD: {'yes' if fewer else 'no'}; less wall time: "
         f"{'yes' if faster else 'no'}; the workload's tuned hyperparameters {ours['hyperparameters']}; "
-        "seeds 0-2, evaluation every 25 steps, one thread",
+        f"seeds 0-2, evaluation every {workload.eval_every} steps (a step count is a multiple of it), one thread",
     )
 
 
 PROMISE = "trains digits-mlp to 0.95 validation accuracy (the paper promises fewer steps than first-order methods)"
 RULE = "every seed reaches 0.95 and the median steps to it are fewer than AdamW's"
+MNIST1D_PROMISE = (
+    "fewer steps than first-order methods to a target: on mnist1d-mlp (the paper's residual MLP on MNIST-1D), "
+    "0.60 validation accuracy in fewer steps than AdamW"
+)
+MNIST1D_RULE = "every seed (0-2) reaches 0.60 and the median steps to it are fewer than AdamW's (both tuned)"
+MNIST1D_WEAKER = "the median over 3 seeds, evaluated every 50 steps: a one-evaluation lead is within seed noise"
 
 
 def _fewer_steps(ours: float | None, adamw: float | None) -> bool:
@@ -138,17 +148,58 @@ def _fewer_steps(ours: float | None, adamw: float | None) -> bool:
     "adahessian/digits-mlp", method="adahessian", paper=ADAHESSIAN_PAPER, promise=PROMISE, fast=True, rule=RULE
 )
 def adahessian_digits_mlp() -> ClaimResult:
-    return _digits_claim("adahessian")
+    return _steps_claim("adahessian")
 
 
 @register_claim("mfac/digits-mlp", method="mfac", paper=MFAC_PAPER, promise=PROMISE, fast=True, rule=RULE)
 def mfac_digits_mlp() -> ClaimResult:
-    return _digits_claim("mfac")
+    return _steps_claim("mfac")
 
 
 @register_claim("mkor/digits-mlp", method="mkor", paper=MKOR_PAPER, promise=PROMISE, fast=True, rule=RULE)
 def mkor_digits_mlp() -> ClaimResult:
-    return _digits_claim("mkor")
+    return _steps_claim("mkor")
+
+
+@register_claim(
+    "adahessian/mnist1d-mlp",
+    method="adahessian",
+    paper=ADAHESSIAN_PAPER,
+    promise=MNIST1D_PROMISE,
+    fast=False,
+    rule=MNIST1D_RULE,
+    weaker=MNIST1D_WEAKER,
+    known_failing="measured 2026-12-07 (seeds 0-2, tuned lr 0.15): AdaHessian 550 / 550 / 300 steps to 0.60 "
+    "(median 550) against AdamW's 400 / 550 / 450 (median 450), at 58x AdamW's step time",
+)
+def adahessian_mnist1d_mlp() -> ClaimResult:
+    return _steps_claim("adahessian", "mnist1d-mlp")
+
+
+@register_claim(
+    "mfac/mnist1d-mlp",
+    method="mfac",
+    paper=MFAC_PAPER,
+    promise=MNIST1D_PROMISE,
+    fast=False,
+    rule=MNIST1D_RULE,
+    weaker=MNIST1D_WEAKER,
+)
+def mfac_mnist1d_mlp() -> ClaimResult:
+    return _steps_claim("mfac", "mnist1d-mlp")
+
+
+@register_claim(
+    "mkor/mnist1d-mlp",
+    method="mkor",
+    paper=MKOR_PAPER,
+    promise=MNIST1D_PROMISE,
+    fast=False,
+    rule=MNIST1D_RULE,
+    weaker=MNIST1D_WEAKER,
+)
+def mkor_mnist1d_mlp() -> ClaimResult:
+    return _steps_claim("mkor", "mnist1d-mlp")
 
 
 def direct_inverse_factors(
