@@ -53,3 +53,17 @@ def test_full_verify_skips_nothing(tmp_path, monkeypatch):
         "## Skipped" not in text and "| c | " in text and "| c | m-c | Paper 2024 | c is faster | not stated |" in text
     )
     assert "- d: failed in this run (known: needs 10x the steps at this scale)" in text
+
+
+def test_verify_out_may_be_a_directory_and_is_checked_before_any_claim(tmp_path, monkeypatch, capsys):
+    from trainlab.cli import main
+
+    ran = []
+    monkeypatch.setattr(verify_module, "all_claims", lambda fast_only=False, only=None: ran.append(1) or CLAIMS[:1])
+    assert main(["verify", "--quiet", "--out", str(tmp_path)]) == 0
+    assert "| a | m-a |" in (tmp_path / "VERIFY.md").read_text()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    ran.clear()
+    assert main(["verify", "--quiet", "--out", str(blocked / "VERIFY.md")]) == 2
+    assert "--out" in capsys.readouterr().err and not ran
