@@ -17,7 +17,7 @@
   int32) for per-channel grids whose ``q - z`` fits int8, on activations quantized at each call to symmetric int8
   with one scale per row (per token). The weight is exact; the activations carry up to half an int8 step of
   their row's largest magnitude of error, far more than bfloat16 rounding, so this is an opt-in speed mode
-  (2.5-3x float32's speed on MiniLM at 32 tokens, see docs/compression.md).
+  (about 2x float32's speed on MiniLM at 32 tokens, see docs/compression.md).
 * ``cached``: the weight dequantized once and kept in the layer's dtype (memory for speed: 4 bytes a weight in
   float32). ``auto`` takes it for weights off the CPU (the two kernels above are CPU kernels) and for float64
   layers (the kernels would round a float64 model's activations to bfloat16).
