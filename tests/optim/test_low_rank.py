@@ -542,10 +542,15 @@ def test_gradnorm_lorp_refuses_zero_rows():
         ("frugal", {"density": 0.5, "update_gap": 2, "projection": "blocks", "reset_statistics": False}),
     ],
 )
-def test_low_rank_apply_equals_update_then_add(name, hp):
-    """ProjectSubspace.apply (addmm_/index_add_ into the parameter, Adam by torch's fused kernel with its bias
-    factor folded into the step size) against update + ``param -= lr·update``, in float64 over 5 steps with two
-    refreshes; a tensor lr and a non-contiguous parameter take the second form, so they agree too."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adam", "foreach-adam"])
+def test_low_rank_apply_equals_update_then_add(name, hp, fused, monkeypatch):
+    """ProjectSubspace.apply (addmm_/index_add_ into the parameter; Adam by torch's fused kernel, or, off the CPU
+    or for other dtypes, by foreach ops with its bias factor folded into the step size) against update +
+    ``param -= lr·update``, in float64 over 5 steps with two refreshes."""
+    from trainlab.optim.transforms import projection
+
+    if not fused:
+        monkeypatch.setattr(projection, "_FUSED_ADAM_DTYPES", ())
     lr = 0.01
     torch.manual_seed(0)
     applied = make_params()
