@@ -147,3 +147,81 @@ def refined_beats_linear() -> ClaimResult:
         "as this MLP interpolates its training set, so refinement yields a long warmup and spends most steps at "
         "a small lr; the promise does not hold here",
     )
+
+
+def _refined_vs_linear(workload_name: str, seeds: tuple[int, ...]) -> dict[str, list[float]]:
+    """Per seed: a linear-decay pilot with the workload's SGD values (its gradient norms logged), then a rerun on the
+    refined schedule at the same peak lr; each run's final full-training-set loss and validation metric."""
+    from trainlab.lab.bench import resolve_hyperparameters
+
+    w = get_workload(workload_name)
+    hp = resolve_hyperparameters("sgd", w, None)
+    x, y = _train_set(workload_name)
+    out: dict[str, list[float]] = {k: [] for k in ("linear loss", "refined loss", "linear val", "refined val", "peak")}
+    for seed in seeds:
+        norms: list[float] = []
+
+        def log_norm(step: int, model: nn.Module, norms: list[float] = norms) -> None:
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+
+        def sgd(model: nn.Module) -> torch.optim.Optimizer:
+            return create("sgd", model.parameters(), **hp)
+
+        pilot = train(
+            w,
+            sgd,
+            seed=seed,
+            eval_every=w.steps,
+            on_gradients=log_norm,
+            make_scheduler=lambda o: create_scheduler("linear", o, w.steps),
+        )
+        rerun = train(
+            w,
+            sgd,
+            seed=seed,
+            eval_every=w.steps,
+            make_scheduler=lambda o, norms=norms: create_scheduler("refined", o, w.steps, grad_norms=norms),
+        )
+        for name, run in (("linear", pilot), ("refined", rerun)):
+            with torch.no_grad():
+                out[f"{name} loss"].append(round(F.cross_entropy(run.model(x), y).item(), 5))
+            out[f"{name} val"].append(round(run.final_metric, 4))
+        out["peak"].append(round(refined_schedule(norms).index(1.0) / w.steps, 3))
+    return out
+
+
+def _train_set(workload_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if workload_name.startswith("mnist1d"):
+        from trainlab.lab.workloads.mnist1d import mnist1d_data
+
+        return mnist1d_data()[:2]
+    return digits_data()[:2]
+
+
+@register_claim(
+    "refined/mnist1d-mlp",
+    method="schedule/refined",
+    paper=REFINED_PAPER,
+    promise="on the MNIST-1D MLP with SGD, the schedule refined from a linear-decay pilot run's gradient norms ends "
+    "with a training loss <= linear decay's",
+    rule="mean final full-training-set loss over seeds 0-2 of the refined rerun <= the linear-decay pilot's",
+    fast=False,
+    known_failing="measured 2026-12-07 (SGD lr 0.1 Nesterov, 2,000 steps, seeds 0-2): final training loss refined "
+    "0.152 / 0.131 / 0.131 vs linear 0.0086 / 0.0089 / 0.0099; validation accuracy 0.648 / 0.653 / 0.641 vs "
+    "0.663 / 0.659 / 0.657. The MLP interpolates its training set and its gradient norm falls, so the refined "
+    "schedule peaks at 77-80% of the run (a long warmup)",
+)
+def refined_beats_linear_mnist1d() -> ClaimResult:
+    r = _refined_vs_linear("mnist1d-mlp", SEEDS)
+    mean = {k: sum(v) / len(v) for k, v in r.items()}
+    return ClaimResult(
+        measured={
+            "refined final train loss (seeds 0-2)": r["refined loss"],
+            "refined val accuracy": r["refined val"],
+            "peak at fraction of run": r["peak"],
+        },  # fmt: skip
+        baseline={"linear final train loss (seeds 0-2)": r["linear loss"], "linear val accuracy": r["linear val"]},
+        passed=mean["refined loss"] <= mean["linear loss"],
+        note="mnist1d-mlp, the workload's SGD (lr 0.1, Nesterov 0.9), its 2,000-step budget, peak lr reused (not "
+        "retuned); loss on all 4,000 training signals after the last step",
+    )
