@@ -18,7 +18,13 @@ sizes (read + write), timed interleaved with the optimizer steps of the same row
 Every row also times ``torch.optim.AdamW(fused=True)``, the fastest CPU optimizer step in torch, and reports our
 step time as a ratio to it ("ours / fused AdamW").
 
+With ``--compiled`` it times instead every elementwise recipe eager and compiled (``create(..., compile=True)``)
+against ``torch.optim.AdamW(fused=True)`` and ``copy_``, all alternating in one loop (issue 12's goal: compiled
+<= 1.15x fused AdamW). The compiled kernels are built for the thread count they run on, so run one process per
+``--threads``:
+
     python benchmarks/optimizer_step.py --threads 1 --out benchmarks/results/optimizer_step.md
+    python benchmarks/optimizer_step.py --compiled --threads 2 --out benchmarks/results/optimizer_step-compiled-2t.md
 """
 
 from __future__ import annotations
@@ -196,6 +202,59 @@ def bench_row(row: Row, args: argparse.Namespace) -> str:
     )
 
 
+# The elementwise recipes of issue 12 (orthograd: ⊥Grad's projection runs eagerly, its AdamW compiled).
+ELEMENTWISE = ("adamw", "sgd", "lion", "lion-k", "diffgrad", "spam", "stable-spam", "orthograd")
+COMPILED_GOAL = 1.15
+
+
+def compiled_row(name: str, args: argparse.Namespace) -> str:
+    """One line: eager and compiled step times of ``name``, fused AdamW's, the ratios, and bandwidth vs copy_."""
+    model = make_model(args.width, args.depth, True)
+    copier = _Copy(list(model.parameters()))
+    built: dict[str, torch.optim.Optimizer] = {}
+
+    def build(compiled: bool) -> Factory:
+        def factory(p: list[nn.Parameter]) -> torch.optim.Optimizer:
+            built[str(compiled)] = create(name, p, compile=compiled)
+            return built[str(compiled)]
+
+        return factory
+
+    factories = {"eager": build(False), "compiled": build(True), ANCHOR: _fused_adamw, "copy_": lambda p: copier}
+    timed = measure(model, factories, args.warmup, args.repeats)  # type: ignore[arg-type]
+    fallback = getattr(built["True"], "compile_fallback", {})
+    anchor = timed[ANCHOR]
+    copy_rate = copier.nbytes / timed["copy_"]
+    rate = traffic_bytes(model, built["True"]) / timed["compiled"]
+    ratio = timed["compiled"] / anchor
+    over = "" if ratio <= COMPILED_GOAL else " (over)"
+    note = f" (ran eagerly: {fallback})" if fallback else ""
+    return (
+        f"| {name}{note} | {timed['eager'] * 1e3:.1f} | {timed['compiled'] * 1e3:.1f} | {anchor * 1e3:.1f} "
+        f"| {timed['eager'] / anchor:.2f} | {ratio:.2f}{over} | {rate / 1e9:.2f} | {copy_rate / 1e9:.2f} "
+        f"| {100 * rate / copy_rate:.0f}% |"
+    )
+
+
+def run_compiled(args: argparse.Namespace) -> str:
+    torch.set_num_threads(args.threads)
+    lines = [
+        f"Compiled chains: optimizer step on {args.depth} x Linear({args.width}, {args.width}) (with biases), torch "
+        f"{torch.__version__}, {args.threads} thread(s), median of {args.repeats} steps after {args.warmup} warmup "
+        f"steps (the first compiles). Steps of eager, compiled, {ANCHOR} and a copy_ of the parameters alternate.",
+        "",
+        "| recipe | eager ms | compiled ms | fused AdamW ms | eager / fused | compiled / fused (goal <= "
+        f"{COMPILED_GOAL}) | compiled traffic GB/s | copy_ GB/s | compiled % of copy_ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ELEMENTWISE:
+        if args.only and name not in args.only:
+            continue
+        lines.append(compiled_row(name, args))
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     lines = [
@@ -225,8 +284,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--only", nargs="*", default=None, help="registered names of the rows to run")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
+    parser.add_argument("--compiled", action="store_true", help="eager vs compiled recipes vs fused AdamW")
     args = parser.parse_args()
-    table = run(args)
+    table = run_compiled(args) if args.compiled else run(args)
     publish(table, args.out)
 
 
