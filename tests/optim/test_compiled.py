@@ -3,6 +3,7 @@ chain after several steps (float32, tiny parameters: one compiled graph per reci
 state_dict round-trips; chains that cannot compile, or whose compilation fails, run eagerly and say why; the global
 default; the eager apply contract (Adam writes into the parameters) against the update-then-add path."""
 
+import copy
 import math
 
 import pytest
@@ -135,6 +136,16 @@ def test_a_schedule_never_recompiles_and_state_dict_round_trips():
         assert torch.equal(p, q)
         for key, value in optimizer.state[p].items():
             assert torch.equal(value, reloaded.state[q][key]), key
+    # deepcopy (and pickle) leave the compiled functions behind; the copy compiles its own and goes on alike (of
+    # the reloaded optimizer: an LR scheduler's step wrapper would still point a copy at the original)
+    copied = copy.deepcopy(reloaded)
+    assert copied.compiled and "_runners" not in copied.__getstate__()
+    copied_params = copied.param_groups[0]["params"]
+    _steps(twin, reloaded, 1, first=12)
+    _steps(copied_params, copied, 1, first=12)
+    for p, q in zip(twin, copied_params, strict=True):
+        assert torch.equal(p, q)
+    assert copied.compile_fallback == {} and copied._runners["default"][1]._seen
 
 
 def test_a_chain_without_a_traced_form_runs_eagerly_and_says_why():
