@@ -140,6 +140,20 @@ def reshard(whole: Tensor, layout: Any) -> Tensor:
     return distribute_tensor(whole, mesh, placements, src_data_rank=None)
 
 
+def local_rows(t: Tensor) -> tuple[int, int] | None:
+    """``(first, stop)``: the rows (dimension 0) of ``t`` this rank holds when ``t`` is a DTensor sharded along
+    dimension 0 only (FSDP2's layout, even or not); None for other layouts and plain tensors."""
+    if not is_sharded(t):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(p == Shard(0) or isinstance(p, Replicate) for p in t.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return offset[0], offset[0] + shape[0]
+
+
 def layout_of(t: Tensor) -> Any:
     """``t``'s layout for `reshard` (None for a plain tensor)."""
     return (t.device_mesh, t.placements) if is_sharded(t) else None

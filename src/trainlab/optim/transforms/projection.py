@@ -26,7 +26,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from trainlab.optim.sharding import gather_stacked, gather_whole, is_sharded, layout_of, local, matrix_shape, reshard
+from trainlab.optim.sharding import (
+    gather_stacked,
+    gather_whole,
+    is_sharded,
+    layout_of,
+    local,
+    local_rows,
+    matrix_shape,
+    reshard,
+)
 from trainlab.optim.transform import GradientTransform, Scratch, State, new_step_counter, step_counts
 from trainlab.optim.transforms.adam import ScaleByAdam, bias_corrections, update_moments_
 
@@ -82,9 +91,19 @@ class Projector(ABC):
         """``g − P⁻¹(low)`` with ``low = P(g)``: the part of ``g`` that the inner transform does not see."""
         return g - self.up(low, state, tuple(g.shape))
 
-    def add_up_(self, target: Tensor, r: Tensor, state: dict[str, Tensor], alpha: float) -> None:
-        """``target += alpha·P⁻¹(r)`` in place (a projector that can skips the full-size ``P⁻¹(r)``)."""
-        target.add_(self.up(r, state, tuple(target.shape)), alpha=alpha)
+    def add_up_(
+        self,
+        target: Tensor,
+        r: Tensor,
+        state: dict[str, Tensor],
+        alpha: float,
+        shape: tuple[int, int],
+        rows: tuple[int, int] | None = None,
+    ) -> None:
+        """``target += alpha·P⁻¹(r)`` in place for a matrix of ``shape`` (a projector that can skips the
+        full-size ``P⁻¹(r)``); with ``rows = (first, stop)``, ``target`` holds only those rows (an FSDP2 shard)."""
+        full = self.up(r, state, shape)
+        target.add_(full if rows is None else full[rows[0] : rows[1]], alpha=alpha)
 
 
 class SVDProjector(Projector):
@@ -111,12 +130,21 @@ class SVDProjector(Projector):
         q = state["basis"]
         return r @ q.mT if _projected_dim(shape) == 1 else q @ r
 
-    def add_up_(self, target: Tensor, r: Tensor, state: dict[str, Tensor], alpha: float) -> None:
+    def add_up_(
+        self,
+        target: Tensor,
+        r: Tensor,
+        state: dict[str, Tensor],
+        alpha: float,
+        shape: tuple[int, int],
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         q = state["basis"]  # one GEMM accumulating into target: no full-size product, no separate add pass
-        if _projected_dim(tuple(target.shape)) == 1:
-            target.addmm_(r, q.mT, alpha=alpha)
-        else:
-            target.addmm_(q, r, alpha=alpha)
+        first, stop = rows or (0, None)
+        if _projected_dim(shape) == 1:  # R = G Q (m × r): this shard's rows of R Qᵀ
+            target.addmm_(r[first:stop], q.mT, alpha=alpha)
+        else:  # R = Qᵀ G (r × n): this shard's rows of Q R
+            target.addmm_(q[first:stop], r, alpha=alpha)
 
     def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
         """``g − QQᵀg`` (or ``g − gQQᵀ``), exactly zero when it is zero in exact arithmetic.
@@ -198,8 +226,23 @@ class CoordinateProjector(Projector):
     def up(self, r: Tensor, state: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
         return r.new_zeros(shape).index_copy_(_projected_dim(shape), state["index"], r)
 
-    def add_up_(self, target: Tensor, r: Tensor, state: dict[str, Tensor], alpha: float) -> None:
-        target.index_add_(_projected_dim(tuple(target.shape)), state["index"], r, alpha=alpha)
+    def add_up_(
+        self,
+        target: Tensor,
+        r: Tensor,
+        state: dict[str, Tensor],
+        alpha: float,
+        shape: tuple[int, int],
+        rows: tuple[int, int] | None = None,
+    ) -> None:
+        dim, index = _projected_dim(shape), state["index"]
+        if rows is None:
+            target.index_add_(dim, index, r, alpha=alpha)
+        elif dim == 1:  # selected columns: this shard's rows of them
+            target.index_add_(1, index, r[rows[0] : rows[1]], alpha=alpha)
+        else:  # selected rows: those this shard holds
+            mine = (index >= rows[0]) & (index < rows[1])
+            target.index_add_(0, index[mine] - rows[0], r[mine], alpha=alpha)
 
     def residual(self, g: Tensor, low: Tensor, state: dict[str, Tensor]) -> Tensor:
         return g.index_fill(_projected_dim(tuple(g.shape)), state["index"], 0)
@@ -292,40 +335,64 @@ class ProjectSubspace(GradientTransform):
     def apply(self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any]) -> State:
         """`update` and ``param −= lr·update`` in one (the apply contract): the projected step accumulates into
         each parameter (``addmm_`` with the basis, ``index_add_`` for coordinates) with ``alpha = −lr·scale``, so
-        no full-size update is formed and added. FSDP2 parameters, a tensor lr and parameters that are not
-        contiguous take `update` and an add."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor) or any(is_sharded(p) or not p.is_contiguous() for p in params):
+        no full-size update is formed and added. FSDP2 parameters (sharded by rows, as FSDP2 does) accumulate
+        their own rows of it after one explicit all-gather of each gradient. A tensor lr, parameters that are not
+        contiguous and other sharded layouts take `update` and an add."""
+        lr, rule = group["lr"], group["inactive_update_rule"]
+        if rule not in INACTIVE_RULES:
+            raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
+        shards = [local(p) for p in params]
+        contiguous = all(s.is_contiguous() for s in shards)
+        if is_sharded(params[0]):
+            rows = [local_rows(p) for p in params]
+            if all(rows) and contiguous and not isinstance(lr, Tensor) and self._fused_adam(params):
+                whole, _ = gather_whole(updates)  # FSDP2: one explicit all-gather per matrix
+                self._apply_fused_adam(whole, state, shards, group, rows)  # type: ignore[arg-type]
+                return state
+        if isinstance(lr, Tensor) or not contiguous or is_sharded(params[0]):
             out, state = self.update(updates, state, params, group)
             if isinstance(lr, Tensor):
                 torch._foreach_add_(params, torch._foreach_mul(out, -lr))
             else:
                 torch._foreach_add_(params, out, alpha=-lr)
             return state
-        rule = group["inactive_update_rule"]
-        if rule not in INACTIVE_RULES:
-            raise ValueError(f"inactive_update_rule must be one of {INACTIVE_RULES}, got {rule!r}")
-        adam = isinstance(self.inner, ScaleByAdam) and type(self.inner).update is ScaleByAdam.update
-        if adam and params[0].device.type == "cpu" and all(p.dtype in _FUSED_ADAM_DTYPES for p in params):
-            self._apply_fused_adam(updates, state, params, group, rule)
+        if self._fused_adam(params):
+            self._apply_fused_adam(updates, state, params, group)
             return state
+        adam = isinstance(self.inner, ScaleByAdam) and type(self.inner).update is ScaleByAdam.update
         grads, per, low, rest, factors = self._low_rank_step(updates, state, params, group, rule, fold=adam)
         alpha = -lr * group["scale"]
         for p, r, st, f in zip(params, low, per, factors, strict=True):
-            self.projector.add_up_(_matrix(p), r, st, alpha * f)
+            self.projector.add_up_(_matrix(p), r, st, alpha * f, tuple(_matrix(p).shape))
         if rest:
             if rule == "sign_sgd":
                 torch._foreach_sign_(rest)
             torch._foreach_add_([_matrix(p) for p in params], rest, alpha=-lr * group["inactive_lr_scale"])
         return state
 
+    def _fused_adam(self, params: list[Tensor]) -> bool:
+        """Whether `apply` can run `_apply_fused_adam`: an Adam inner transform, CPU parameters of a dtype that
+        torch's fused Adam kernel takes."""
+        adam = isinstance(self.inner, ScaleByAdam) and type(self.inner).update is ScaleByAdam.update
+        return adam and params[0].device.type == "cpu" and all(p.dtype in _FUSED_ADAM_DTYPES for p in params)
+
     def _apply_fused_adam(
-        self, updates: list[Tensor], state: State, params: list[Tensor], group: Mapping[str, Any], rule: str
+        self,
+        updates: list[Tensor],
+        state: State,
+        params: list[Tensor],
+        group: Mapping[str, Any],
+        rows: list[tuple[int, int]] | None = None,
     ) -> None:
         """`apply` with an Adam inner transform on the CPU, one matrix at a time (its low-rank tensors stay in
         cache from the projection to the step): project, Adam by torch's fused kernel (one pass over gradient and
         moments, into a zeroed buffer, its "parameter", which then holds ``−a·m/(b·sqrt(v) + eps)``; the raw-eps
-        form is Adam with ``eps/sqrt(1−β2^t)``), accumulate into the parameter, add the residual's rule."""
+        form is Adam with ``eps/sqrt(1−β2^t)``), accumulate into the parameter, add the residual's rule.
+
+        FSDP2: ``updates`` are the whole gradients (gathered once) and ``params`` this rank's shards, holding the
+        ``rows[i]`` rows of each matrix: every rank runs the same low-rank step (replicated state) and
+        accumulates only its own rows of the projected step (its share of the up-projection GEMM)."""
+        rule = group["inactive_update_rule"]
         grads, per, own, inner = self._prepare(updates, state, group)
         steps = step_counts(inner)
         beta1, beta2 = group["betas"]
@@ -349,8 +416,10 @@ class ProjectSubspace(GradientTransform):
                 eps=group["eps"] * (1 - beta2**t) ** -0.5 if raw else group["eps"],
                 maximize=False,
             )
-            self.projector.add_up_(_matrix(p), out, st, lr * group["scale"])
+            span = None if rows is None else rows[i]
+            self.projector.add_up_(_matrix(p), out, st, lr * group["scale"], tuple(g.shape), span)
             if rest is not None:
+                rest = rest if span is None else rest[span[0] : span[1]]
                 _matrix(p).add_(rest.sign_() if rule == "sign_sgd" else rest, alpha=-lr * group["inactive_lr_scale"])
         state.update(own)
         state.update({_INNER + k: v for k, v in inner.items()})
