@@ -209,6 +209,14 @@ def rounded(x: Tensor) -> Tensor:
     return torch.maximum(x, x)
 
 
+def hoisted(x: Tensor) -> Tensor:
+    """0-dim ``x`` itself, in a traced form, computed once per tensor: inductor inlines a per-tensor scalar
+    (e.g. a factor derived from a norm) into every vector iteration of the loop that uses it, divisions and
+    square roots included; a reduction's result is a buffer the loop loads instead. The max of 16 copies (more
+    than inductor unrolls) is that reduction, and exactly ``x`` (NaN included)."""
+    return x.reshape(1).expand(16).amax()
+
+
 def compile_refusal_of(transform: GradientTransform) -> str:
     """Why ``transform`` has no traced form ("" when it has one).
 

@@ -28,6 +28,7 @@ from trainlab.optim.transform import (
     Scratch,
     State,
     compile_refusal_of,
+    hoisted,
     new_step_counter,
     step_counts,
 )
@@ -250,8 +251,8 @@ class ClipSpikesAdaptive(GradientTransform):
         peak = u.abs().amax()
         average = state["max_abs_avg"]
         average.lerp_(peak, s[0])
-        limit = average / s[1]
-        return torch.where(u.abs() > limit, u * (limit / peak), u)
+        limit = hoisted(average / s[1])
+        return torch.where(u.abs() > limit, u * hoisted(limit / peak), u)
 
 
 class NormalizeGradientNorm(GradientTransform):
@@ -316,7 +317,7 @@ class NormalizeGradientNorm(GradientTransform):
         state["norm_sq_avg"].lerp_(norm * norm, s[1])
         denom = ((state["norm_sq_avg"] / s[2]).sqrt() + s[3]) * s[4]
         denom = denom * (norm + (1 - norm.sign()))  # divide by 1 where g is all zeros
-        return u * (state["norm_avg"] / denom)
+        return u * hoisted(state["norm_avg"] / denom)
 
 
 def scale_by_adam_with_resets() -> ScaleByAdamWithResets:
