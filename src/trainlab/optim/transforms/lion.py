@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.transform import GradientTransform, Scratch, State
+from trainlab.optim.transform import GradientTransform, Scratch, State, hoisted
 
 LION_K = ("l1", "l2")
 
@@ -63,7 +63,7 @@ class ScaleByLion(GradientTransform):
         if self.k == "l1":
             c = c.sign()
         else:
-            c = c / torch.linalg.vector_norm(c).clamp_min(torch.finfo(c.dtype).tiny)
+            c = c / hoisted(torch.linalg.vector_norm(c).clamp_min(torch.finfo(c.dtype).tiny))
         m.lerp_(u, s[1])
         return c
 
