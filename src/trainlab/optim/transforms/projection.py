@@ -397,10 +397,12 @@ class ProjectSubspace(GradientTransform):
         steps = step_counts(inner)
         beta1, beta2 = group["betas"]
         lr, raw = group["lr"], self.inner.raw_eps  # type: ignore[attr-defined]
+        spare: dict[torch.Size, Tensor] = {}
         for i, (p, g, st, t) in enumerate(zip(params, grads, per, steps, strict=True)):
             low = self.projector.down(g, st)
             rest = None if rule == "no" else self.projector.residual(g, low, st)
-            out = torch.zeros_like(low)
+            out = spare.pop(low.shape, None)  # the previous matrix's buffer of this shape, if any
+            out = torch.zeros_like(low) if out is None else out.zero_()
             torch._fused_adam_(
                 [out],
                 [low],
@@ -418,6 +420,7 @@ class ProjectSubspace(GradientTransform):
             )
             span = None if rows is None else rows[i]
             self.projector.add_up_(_matrix(p), out, st, lr * group["scale"], tuple(g.shape), span)
+            spare[low.shape] = out
             if rest is not None:
                 rest = rest if span is None else rest[span[0] : span[1]]
                 _matrix(p).add_(rest.sign_() if rule == "sign_sgd" else rest, alpha=-lr * group["inactive_lr_scale"])
