@@ -527,3 +527,143 @@ def _quantize_hf(model: nn.Module, bits: int, group_size: int | None, calibratio
     return quantize_model(
         model, "rtn", bits, group_size=group_size, second_order=second, calibration=calibration or (), runtime=None
     ).model
+
+
+# GWQ and BAQ on the harder MNIST-1D MLP, each on three dense models (AdamW at the workload's tuned values, seeds
+# 0-2, 2,000 steps), so the spread over trained models shows.
+MNIST1D_SEEDS = (0, 1, 2)
+
+
+@functools.cache
+def _mnist1d_dense(seed: int) -> nn.Module:
+    torch.set_num_threads(1)
+    return trained_model(get_workload("mnist1d-mlp"), seed=seed)
+
+
+@functools.cache
+def _mnist1d_layers(seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Each Linear's (flattened weight, calibration Hessian) and mean loss gradient on 4 calibration batches."""
+    w = get_workload("mnist1d-mlp")
+    model = _mnist1d_dense(seed)
+    layers = compressible_layers(model)
+    hessians = collect_hessians(model, calibration_inputs(w, 4), layers)
+    grads = layer_gradients(model, calibration_batches(w, 4), w.loss)
+    weights = {k: (flat_weight(m).float(), hessians[k]) for k, m in layers.items()}
+    return weights, {k: g.float() for k, g in grads.items()}
+
+
+def _per_seed(values: list[float]) -> str:
+    import statistics
+
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (sd) {[round(v, 4) for v in values]}"
+
+
+@register_claim(
+    "gwq-gradient-outliers-3bit-mnist1d",
+    method="gwq",
+    paper=GWQ,
+    fast=False,
+    promise="Keeping the 1% of weights with the largest loss gradients in float16 (scales refitted without them) "
+    "lowers the calibration loss of 3-bit quantization below plain RTN and below keeping a random 1%, on the "
+    "MNIST-1D MLP",
+    rule="on each of three dense models (seeds 0-2) the gradient-chosen 1% gives a lower calibration loss than RTN "
+    "and than a random 1%",
+    known_failing="measured 2026-12-07: calibration loss gradient 1106 / 971 / 1036 (seeds 0-2), RTN 1136 / 999 / "
+    "1045, "
+    "random 1147 / 989 / 1007: below RTN on every model, below random on two of three; the largest-|w| 1% gives "
+    "722 / 605 / 648; accuracy gradient 0.547 ± 0.027, random 0.555 ± 0.024, RTN 0.551 ± 0.022, dense 0.616",
+)
+def gwq_gradient_outliers_mnist1d() -> ClaimResult:
+    torch.set_num_threads(1)
+    w = get_workload("mnist1d-mlp")
+    loss: dict[str, list[float]] = {}
+    acc: dict[str, list[float]] = {}
+    for seed in MNIST1D_SEEDS:
+        layers, grads = _mnist1d_layers(seed)
+        gen = torch.Generator().manual_seed(seed)
+        saliency = {
+            "gradient (GWQ)": grads,
+            "magnitude": {k: wt for k, (wt, _) in layers.items()},
+            "random": {k: torch.rand(wt.shape, generator=gen) for k, (wt, _) in layers.items()},
+        }
+        approx = {
+            name: {k: quantize_gwq(wt, 3, sal[k]).dequantize(torch.float32) for k, (wt, _) in layers.items()}
+            for name, sal in saliency.items()
+        }
+        approx["no outliers (RTN)"] = {
+            k: quantize_rtn(wt, 3).dequantize(torch.float32) for k, (wt, _) in layers.items()
+        }
+        for name, a in approx.items():
+            loss.setdefault(name, []).append(_total_loss(layers, a))
+            acc.setdefault(name, []).append(w.evaluate(_with_weights(_mnist1d_dense(seed), a)))
+    ours = "gradient (GWQ)"
+    wins = [
+        g < r and g < q
+        for g, r, q in zip(loss[ours], loss["no outliers (RTN)"], loss["random"], strict=True)
+    ]  # fmt: skip
+    return ClaimResult(
+        {f"{ours} calibration loss": _per_seed(loss[ours]), f"{ours} accuracy": _per_seed(acc[ours])},
+        {
+            **{f"{n} calibration loss": _per_seed(v) for n, v in loss.items() if n != ours},
+            **{f"{n} accuracy": _per_seed(v) for n, v in acc.items() if n != ours},
+            "dense accuracy": _per_seed([w.evaluate(_mnist1d_dense(s)) for s in MNIST1D_SEEDS]),
+        },
+        all(wins),
+        note="mnist1d-mlp (AdamW lr 1e-2, 2,000 steps) trained with seeds 0-2; 3-bit symmetric per-channel grids, "
+        "float16 scales; gradients averaged over 4 calibration batches of 100; calibration loss = sum over layers of "
+        "tr(E H E^T); mean ± sd over the three models, then the per-model values; the magnitude criterion is shown, "
+        "not in the pass rule",
+    )
+
+
+@register_claim(
+    "baq-3bit-beats-uniform-mnist1d",
+    method="baq",
+    paper=BAQ,
+    fast=False,
+    promise="Per-column bit-widths from the closed-form BAQ allocation at an average of 3 bits beat uniform 3-bit "
+    "GPTQ, on the MNIST-1D MLP",
+    rule="mean validation accuracy over three dense models (seeds 0-2) higher than uniform 3-bit GPTQ on the same "
+    "asymmetric per-row grid",
+    weaker="a higher mean over three models, not a significant gain: the paired difference and its standard error "
+    "are reported (measured 2026-12-07: +0.002 ± 0.004)",
+)
+def baq_beats_uniform_mnist1d() -> ClaimResult:
+    from trainlab.compress import allocate_plan, compress
+    from trainlab.compress.quant.mixed import kl_loss
+
+    torch.set_num_threads(1)
+    w = get_workload("mnist1d-mlp")
+    calib = calibration_inputs(w, 8)
+    out: dict[str, dict[str, list[float]]] = {}
+    for seed in MNIST1D_SEEDS:
+        model = _mnist1d_dense(seed)
+        calibration_kl = kl_loss(model, calib)
+        for name, allocator, second, options in (
+            ("baq", "baq", False, None),
+            ("uniform gptq asym", "uniform", True, {"rtn": {"symmetric": False}}),
+        ):
+            plan = allocate_plan(allocator, model, bits=3, calibration=calib, second_order=second)
+            result = compress(model, plan, calibration=calib, second_order=second, options=options, runtime="float")
+            with torch.no_grad():
+                kl = calibration_kl(result.model).item()
+            row = out.setdefault(name, {"accuracy": [], "calibration KL": [], "mean bits": []})
+            row["accuracy"].append(w.evaluate(result.model))
+            row["calibration KL"].append(kl)
+            row["mean bits"].append(result.report.mean_bits)
+    diff = [a - b for a, b in zip(out["baq"]["accuracy"], out["uniform gptq asym"]["accuracy"], strict=True)]
+    import statistics
+
+    return ClaimResult(
+        {f"baq {k}": _per_seed(v) for k, v in out["baq"].items()}
+        | {
+            "baq - uniform accuracy (paired mean ± s.e.)": f"{statistics.fmean(diff):+.4f} ± "
+            f"{statistics.stdev(diff) / len(diff) ** 0.5:.4f}"
+        },  # fmt: skip
+        {f"uniform 3-bit GPTQ asymmetric {k}": _per_seed(v) for k, v in out["uniform gptq asym"].items()}
+        | {"dense accuracy": _per_seed([w.evaluate(_mnist1d_dense(s)) for s in MNIST1D_SEEDS])},
+        statistics.fmean(out["baq"]["accuracy"]) > statistics.fmean(out["uniform gptq asym"]["accuracy"]),
+        note="mnist1d-mlp (AdamW lr 1e-2, 2,000 steps) trained with seeds 0-2; every Linear quantized at an average "
+        "of exactly 3 bits, per-row scales, 8 calibration batches of 100 signals; BAQ: per-column bits from pass-1 "
+        "GPTQ column losses, clipped to [1, 8], second GPTQ pass on its asymmetric grid",
+    )
