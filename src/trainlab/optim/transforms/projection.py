@@ -201,9 +201,10 @@ class CoordinateProjector(Projector):
         }
         if self.name == "random":
             state["seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
-            if is_sharded(like):  # FSDP2: every rank draws the same coordinates (one broadcast, at init)
-                seed = state["seed"].to(like.device)
-                torch.distributed.broadcast(seed, group=like.device_mesh.get_group(0), group_src=0)
+            if is_sharded(like):  # FSDP2: every rank draws the same coordinates (broadcasts at init)
+                seed, mesh = state["seed"].to(like.device), like.device_mesh
+                for dim in reversed(range(mesh.ndim)):  # last dim first: every rank ends with mesh rank 0's seed
+                    torch.distributed.broadcast(seed, group=mesh.get_group(dim), group_src=0)
                 state["seed"] = seed.cpu()
         return state
 
