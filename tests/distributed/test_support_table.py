@@ -15,9 +15,6 @@ from trainlab import optim
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parents[1] / "docs" / "distributed.md"
 HEADER = "| optimizer | DDP | FSDP2 (`fully_shard`) | `torch.compile(model)` (aot_eager) |"
-# Rows the FSDP2 helper made run sharded (tests/distributed/test_fsdp2.py STATEFUL) whose cells the lead updates;
-# until then they may still read "refused" (the state before that work).
-PENDING_FSDP2_ROWS = {"galore", "frugal", "gradnorm-lorp", "cosmos", "mfac", "mkor"}
 
 
 def _literal(filename, name):
@@ -69,9 +66,7 @@ def test_compile_cell_matches_test_compile_support(name):
 def test_fsdp2_cell_matches_test_fsdp2(name):
     cell = _table()[name]["fsdp2"]
     runs = set(_literal("test_fsdp2.py", "RUNS")) | set(_literal("test_fsdp2.py", "STATEFUL"))
-    if name in PENDING_FSDP2_ROWS:
-        assert name in runs and cell.startswith(("runs", "refused"))
-    elif name in runs:
+    if name in runs:
         assert cell.startswith("runs")
     else:
         assert cell.startswith("not tested")
