@@ -158,7 +158,6 @@ def test_pylm_large_builds_at_context_256_and_a_few_steps_lower_the_loss():
     assert sum(p.numel() for p in model.parameters()) == 3_356_160
     inputs, targets = w.make_batch(4, torch.Generator().manual_seed(0))
     assert inputs.shape == targets.shape == (4, 256)
-    assert w.evaluate(model) == pytest.approx(8.0, abs=0.2)
     optimizer = torch.optim.AdamW(model.parameters(), **w.hyperparameters["adamw"])
     losses = []
     for step in range(6):
@@ -167,6 +166,9 @@ def test_pylm_large_builds_at_context_256_and_a_few_steps_lower_the_loss():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    # Untrained, it predicts bytes near-uniformly: 8 bits/byte on its first batch (the full validation pass costs
+    # as much as the rest of this test; the pure-function test above runs evaluate on pylm-large).
+    assert losses[0] / math.log(2) == pytest.approx(8.0, abs=0.2)
     assert losses[-1] < losses[0] - 1.0, losses  # from ln 256 = 5.55 nats towards the byte unigram entropy
 
 
