@@ -18,23 +18,10 @@ from torch import Tensor
 from trainlab.optim.checks import LR, Check
 from trainlab.optim.compiled import CompiledChain, CompileFailed, compile_default
 from trainlab.optim.routing import Rule
-from trainlab.optim.sharding import dtensor_class
 from trainlab.optim.transform import GradientTransform, has_apply, is_step_counter
 
 # Group keys that are not hyperparameters: what torch.optim and LR schedulers put in a group.
 _SHELL_KEYS = frozenset({"params", "param_names", "chain", "initial_lr"})
-
-
-def _refuse_dtensor(chain: str, transform: GradientTransform, params: list[Tensor]) -> None:
-    """Refuse FSDP2's sharded parameters at construction for a chain that cannot handle them (instead of a
-    mixed Tensor/DTensor error at the first step)."""
-    dtensor = dtensor_class()
-    if transform.refuses_dtensor and dtensor is not None and any(isinstance(p, dtensor) for p in params):
-        raise ValueError(
-            f"chain {chain!r} cannot optimize FSDP2 (fully_shard) DTensor parameters ({transform.refuses_dtensor}). "
-            "Use it under DDP or on one process, or choose an optimizer that runs under FSDP2 (adamw, lion, sgd, "
-            "spam, stable-spam, diffgrad, muon, ...)"
-        )
 
 
 # A user key feeding a chain's group key, optionally through a conversion (e.g. FRUGAL's density -> rank).
@@ -183,7 +170,6 @@ class ChainOptimizer(torch.optim.Optimizer):
         by_chain = self._route(param_group)
         values = {**self.defaults, **param_group}
         for name, items in by_chain.items():
-            _refuse_dtensor(name, self.chains[name], [p for _, p in items])
             group = {
                 key: values[user] if convert is None else convert(values[user])
                 for user, (key, convert) in self._feeds[name].items()

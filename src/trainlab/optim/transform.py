@@ -67,8 +67,6 @@ class GradientTransform:
     hyperparameters: ClassVar[Mapping[str, Any]] = {}
     per_parameter: ClassVar[bool] = False
     wide_state: ClassVar[frozenset[str]] = frozenset()
-    # Why this transform cannot run on FSDP2's sharded (DTensor) parameters; empty when it can.
-    refuses_dtensor: ClassVar[str] = ""
 
     def all_hyperparameters(self) -> dict[str, Any]:
         """The param-group keys this transform (and any transform inside it) reads, with defaults."""
@@ -122,8 +120,6 @@ class Chain(GradientTransform):
         self.wide_state = frozenset(  # type: ignore[misc]
             p + k for p, t in zip(self.prefixes, transforms, strict=True) for k in t.wide_state
         )
-        refusals = [f"{t.name}: {t.refuses_dtensor}" for t in transforms if t.refuses_dtensor]
-        self.refuses_dtensor = "; ".join(refusals)  # type: ignore[misc]
         no_trace = [f"{t.name}: {why}" for t in transforms if (why := compile_refusal_of(t))]
         self.compile_refusal = "; ".join(no_trace)  # type: ignore[misc]
         self.n_scalars = sum(t.n_scalars for t in transforms)  # type: ignore[misc]
