@@ -52,5 +52,6 @@ def pylm_large_reaches_target_with_adamw() -> ClaimResult:
         baseline={"budget (steps)": workload.steps, "target (bits/byte)": workload.target},
         passed=steps is not None,
         note="seed 0, the workload's tuned AdamW, evaluation every eval_every steps; several CPU minutes on one core, "
-        "so it is a claim rather than a suite test",
+        "so it is a claim rather than a suite test. Seeds 0-2 evaluated every 25 steps pass the target at steps "
+        "150 / 175 / 225 and end at 3.34 / 3.41 / 3.51 bits/byte (pylm.py docstring)",
     )
