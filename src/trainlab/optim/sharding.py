@@ -173,3 +173,29 @@ def all_reduce_sum(t: Tensor, ref: Tensor) -> Tensor:
         elif not placement.is_replicate():
             raise ValueError(f"all_reduce_sum needs a sharded or replicated layout, got {ref.placements}")
     return t
+
+
+def reduce_partials(partials: list[Tensor], refs: list[Tensor], op: str = "sum") -> list[Tensor]:
+    """Per-tensor results over this rank's shards (0-dim, one per tensor of ``refs``) combined over the ranks
+    that shard each tensor (``op`` "sum" or "max"), with one all-reduce per layout instead of one per tensor;
+    the results of plain tensors are returned unchanged."""
+    groups: dict[tuple, list[int]] = {}
+    for i, ref in enumerate(refs):
+        if is_sharded(ref):
+            groups.setdefault((ref.device_mesh, tuple(ref.placements)), []).append(i)
+    if not groups:
+        return partials
+    from torch.distributed.tensor import Shard
+
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    out = list(partials)
+    for (mesh, placements), idx in groups.items():
+        stacked = torch.stack([partials[i] for i in idx])
+        for dim, placement in enumerate(placements):
+            if isinstance(placement, Shard):
+                torch.distributed.all_reduce(stacked, op=reduce_op, group=mesh.get_group(dim))
+            elif not placement.is_replicate():
+                raise ValueError(f"reduce_partials needs a sharded or replicated layout, got {placements}")
+        for i, value in zip(idx, stacked.unbind(), strict=True):
+            out[i] = value
+    return out

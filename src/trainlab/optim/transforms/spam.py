@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainlab.optim.sharding import is_sharded, like, local, reduce_partials
 from trainlab.optim.transform import (
     GradientTransform,
     Scratch,
@@ -195,7 +196,14 @@ def max_abs(tensors: list[Tensor]) -> list[Tensor]:
     """
     if tensors[0].device.type != "cpu":
         return list(torch._foreach_norm(tensors, float("inf")))
-    return [torch.maximum(hi, lo.neg()) for lo, hi in map(torch.aminmax, tensors)]
+    peaks = []
+    for t in tensors:
+        if not t.numel():  # an FSDP2 rank's empty shard of a small tensor
+            peaks.append(t.new_zeros(()))
+            continue
+        lo, hi = torch.aminmax(t)
+        peaks.append(torch.maximum(hi, lo.neg()))
+    return peaks
 
 
 class ClipSpikesAdaptive(GradientTransform):
@@ -217,7 +225,9 @@ class ClipSpikesAdaptive(GradientTransform):
     ) -> tuple[list[Tensor], State]:
         gamma3 = group["gamma3"]
         steps = step_counts(state)
-        peaks = max_abs(updates)
+        grads = updates
+        updates = [local(g) for g in grads]  # FSDP2: this rank's shards, with the peaks of the whole tensors
+        peaks = reduce_partials(max_abs(updates), grads, "max")
         torch._foreach_lerp_(state["max_abs_avg"], peaks, 1 - gamma3)
         limits = torch._foreach_div(state["max_abs_avg"], [1 - gamma3**k for k in steps])
         # torch has no foreach select: one where per tensor, all in one new buffer (fresh allocations
@@ -234,7 +244,8 @@ class ClipSpikesAdaptive(GradientTransform):
             spikes = out > lim
             torch.mul(g, lim / peak, out=out)
             clipped.append(torch.where(spikes, out, g, out=out))
-        owned = isinstance(updates, Scratch) or all(c is not g for c, g in zip(clipped, updates, strict=True))
+        owned = isinstance(grads, Scratch) or all(c is not g for c, g in zip(clipped, updates, strict=True))
+        clipped = [like(c, g) for c, g in zip(clipped, grads, strict=True)]
         return (Scratch(clipped) if owned else clipped), state
 
     compile_refusal = ""
@@ -285,7 +296,13 @@ class NormalizeGradientNorm(GradientTransform):
     ) -> tuple[list[Tensor], State]:
         gamma1, gamma2 = group["gamma1"], group["gamma2"]
         steps = step_counts(state)
-        norms = torch._foreach_norm(updates)
+        grads = updates
+        updates = [local(g) for g in grads]  # FSDP2: this rank's shards; ‖g‖² sums over the ranks' shards
+        norms = list(torch._foreach_norm(updates))
+        sharded = [i for i, g in enumerate(grads) if is_sharded(g)]
+        squares = reduce_partials([norms[i] * norms[i] for i in sharded], [grads[i] for i in sharded])
+        for i, square in zip(sharded, squares, strict=True):
+            norms[i] = square.sqrt()
         torch._foreach_lerp_(state["norm_avg"], norms, 1 - gamma1)
         torch._foreach_lerp_(state["norm_sq_avg"], torch._foreach_mul(norms, norms), 1 - gamma2)
         denom = torch._foreach_div(state["norm_sq_avg"], [1 - gamma2**k for k in steps])
@@ -296,10 +313,11 @@ class NormalizeGradientNorm(GradientTransform):
         inactive = torch._foreach_add(torch._foreach_neg(torch._foreach_sign(norms)), 1.0)  # 1 where ‖g‖ = 0
         torch._foreach_mul_(denom, torch._foreach_add(norms, inactive))
         factors = torch._foreach_div(state["norm_avg"], denom)
-        if isinstance(updates, Scratch):  # the clipped copies are ours to overwrite
+        if isinstance(grads, Scratch):  # the clipped copies are ours to overwrite
             torch._foreach_mul_(updates, factors)
-            return updates, state
-        return Scratch(torch._foreach_mul(updates, factors)), state
+            return grads, state
+        scaled = torch._foreach_mul(updates, factors)
+        return Scratch([like(u, g) for u, g in zip(scaled, grads, strict=True)]), state
 
     compile_refusal = ""
     n_scalars = 5
