@@ -170,7 +170,7 @@ def mkor_digits_mlp() -> ClaimResult:
     rule=MNIST1D_RULE,
     weaker=MNIST1D_WEAKER,
     known_failing="measured 2026-12-07 (seeds 0-2, tuned lr 0.15): AdaHessian 550 / 550 / 300 steps to 0.60 "
-    "(median 550) against AdamW's 400 / 550 / 450 (median 450), at 58x AdamW's step time",
+    "(median 550) against AdamW's 400 / 550 / 450 (median 450), at 2.6x AdamW's step time",
 )
 def adahessian_mnist1d_mlp() -> ClaimResult:
     return _steps_claim("adahessian", "mnist1d-mlp")
