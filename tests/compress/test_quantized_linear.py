@@ -65,6 +65,14 @@ def test_fallbacks_name_their_reason_and_are_exact():
     torch.testing.assert_close(cached(x), x @ q.dequantize().T, rtol=0, atol=0)
     q5 = quantize_rtn(torch.randn(32, 96), 4, group_size=48)  # 48 is no kernel group: int8 needs per-channel
     assert QuantizedLinear(q5).kernel == "dequantize"
+    # torch 2.13's int8 kernel crashes the process on input sizes not divisible by 16 (here 40 and 100)
+    for shape in ((100, 40), (10, 100)):
+        q8 = quantize_rtn(torch.randn(shape), 3, symmetric=True)
+        narrow = QuantizedLinear(q8)
+        assert narrow.kernel == "dequantize" and f"input size {shape[1]} is not divisible by 16" in narrow.reason
+        xs = torch.randn(7, shape[1])
+        torch.testing.assert_close(narrow(xs), xs @ q8.dequantize().T, rtol=0, atol=0)
+        assert QuantizedLinear(q8, mode="dynamic").kernel == "int8-dynamic"  # torch._int_mm takes any width
     with pytest.raises(ValueError, match="mode"):
         QuantizedLinear(q, mode="fast")
 

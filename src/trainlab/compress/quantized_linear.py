@@ -62,6 +62,9 @@ def check_runtime(runtime: str | None) -> str:
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts, largest first
 INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu needs output rows divisible by this
+# _weight_int8pack_mm reads each row in blocks of 16 inputs: on other input sizes torch 2.13's CPU kernel
+# returns garbage or crashes the process (measured: K = 2, 4, 8, 12, 24, 36, 40, 44, 56, 100 all segfault)
+INT8_COLS = 16
 KERNEL_DTYPE = torch.bfloat16
 
 
@@ -82,7 +85,16 @@ def _int4_group(w: QuantizedWeight) -> tuple[int | None, str]:
 
 
 def _int8_fits(w: QuantizedWeight) -> tuple[bool, str]:
-    rows, cols = w.shape
+    """Whether ``_weight_int8pack_mm`` runs ``w``, and why (not)."""
+    cols = w.shape[1]
+    if cols % INT8_COLS:
+        return False, f"input size {cols} is not divisible by {INT8_COLS} (int8 kernel)"
+    return _int8_codes(w)
+
+
+def _int8_codes(w: QuantizedWeight) -> tuple[bool, str]:
+    """Whether ``w`` is per channel with codes minus zero points in int8, and why (not)."""
+    cols = w.shape[1]
     if w.group_size is not None and w.group_size < cols:
         return False, f"groups of {w.group_size} inputs: the int8 kernel has one scale per output channel"
     low, high = (w.codes.int() - w.zero.int()).aminmax() if w.codes.numel() else (torch.tensor(0), torch.tensor(0))
@@ -178,7 +190,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"mode='dynamic' needs a uniform grid, got {type(w).__name__}")
         if w.codes.device.type != "cpu":
             raise ValueError(f"mode='dynamic' runs the CPU int8 matmul; the weight is on {w.codes.device.type}")
-        fits, why = _int8_fits(w)
+        fits, why = _int8_codes(w)  # torch._int_mm takes any input size
         if not fits:
             raise ValueError(f"mode='dynamic' needs per-channel int8 codes: {why}")
         weight = (w.codes.to(torch.int16) - w.zero.to(torch.int16)).to(torch.int8)
