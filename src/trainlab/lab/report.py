@@ -84,6 +84,11 @@ def render_report(results: Sequence[dict[str, Any]]) -> str:
                 f" | {_energy_cell(runs, 'energy_j')} | {_energy_cell(runs, 'energy_per_sample_j')}"
                 f" | {sum(r['diverged'] for r in runs)} |"
             )
+        unmeasured = sorted(
+            {_energy_note(r) for (wn, _), runs in groups.items() if wn == w for r in runs if r.get("energy_j") is None}
+        )
+        if unmeasured:
+            lines += ["", "Energy n/a: " + "; ".join(unmeasured) + "."]
         diverged = [r for (wn, _), runs in sorted(groups.items()) if wn == w for r in runs if r["diverged"]]
         if diverged:
             lines += [""] + [
@@ -125,12 +130,14 @@ def _median(runs: Sequence[dict[str, Any]], key: str) -> float:
 
 
 def _energy_cell(runs: Sequence[dict[str, Any]], key: str) -> str:
-    """Median measured joules (trainlab.lab.energy), or ``n/a: <reason>`` when no seed had a counter."""
+    """Median measured joules (trainlab.lab.energy), or ``n/a`` when no seed had a counter (the reason is
+    stated once under the table)."""
     values = [r[key] for r in runs if r.get(key) is not None]
-    if values:
-        return f"{statistics.median(values):.4g}"
-    notes = sorted({r["energy_note"] for r in runs if r.get("energy_note")})
-    return "n/a: " + ("; ".join(notes) if notes else "not measured (results from before the energy column)")
+    return f"{statistics.median(values):.4g}" if values else "n/a"
+
+
+def _energy_note(run: dict[str, Any]) -> str:
+    return run.get("energy_note") or "not measured (results from before the energy column)"
 
 
 def _metric_median(runs: Sequence[dict[str, Any]], key: str) -> str:
