@@ -65,6 +65,17 @@ def test_mkor_with_a_frozen_bias_preconditions_the_weight():
     assert left.shape == (5, 5) and not torch.equal(left, torch.eye(5))  # refreshed, bias column included
 
 
+def test_mkor_takes_all_parameters_with_a_frozen_weight_as_torch_optim_does():
+    # model.parameters() with a frozen layer: torch.optim skips it; MKOR registered a gradient hook on it and failed
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    optimizer = create("mkor", model.parameters(), lr=0.05, inv_freq=1)
+    losses = _train(model, optimizer, 20)
+    assert losses[-1] < losses[0]
+    assert torch.equal(model[0].weight, frozen) and model[0].weight not in optimizer.state
+
+
 def test_mkor_preconditions_layers_added_with_add_param_group():
     model = _model()
     model[2].requires_grad_(False)

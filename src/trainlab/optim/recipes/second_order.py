@@ -247,7 +247,7 @@ class MKOR(ChainOptimizer):
             norms[id(p)] = torch.linalg.vector_norm(p.grad)
 
         # Not on FSDP2's sharded parameters: they are stepped without a GradScaler (see PreconditionMKOR)
-        watched = [p for p in params if p.ndim >= 2 and not is_sharded(p)]
+        watched = [p for p in params if p.ndim >= 2 and p.requires_grad and not is_sharded(p)]
         self._hooks.extend(p.register_post_accumulate_grad_hook(record) for p in watched)
 
     @torch.no_grad()
