@@ -9,6 +9,7 @@ compared on the concatenated batches. Collectives per step are counted with Comm
 
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,26 @@ def _collectives_per_step(name, rank, steps=2):
     return counts[-1] if steps == 2 else counts
 
 
+def _compiled_on_fsdp2(rank):
+    """compile=True on sharded parameters: (the fallback reason, the warnings, |compile=True - eager| after 3
+    steps)."""
+    eager, _ = _train("adamw", _sharded(), rank)
+    model = _sharded()
+    torch.manual_seed(1)
+    opt = optim.create("adamw", model.parameters(), compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(_batch(rank, step)[0]), _batch(rank, step)[1]).backward()
+            opt.step()
+    diff = max(
+        float((p.full_tensor() - q.full_tensor()).abs().max())
+        for p, q in zip(model.parameters(), eager.parameters(), strict=True)
+    )
+    return opt.compile_fallback.get("default", ""), [str(w.message) for w in caught], diff
+
+
 def _worker(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -186,6 +207,7 @@ def _worker(rank, store, out):
                 expected = optim.state_bytes(ref_opt) + _replicated_bytes(opt)
                 results[f"state bytes {name}"] = (float(total), float(expected))
         results["state bytes"] = _state_bytes(rank)
+        results["compile"] = _compiled_on_fsdp2(rank)
         results["collectives"] = {
             name: _collectives_per_step(name, rank) for name in ("adamw", "muon", "orthograd", "stable-spam")
         }
@@ -213,6 +235,13 @@ def results():
 def test_optimizer_on_fsdp2_matches_one_process(results, name):
     # largest entries of the parameters 0.23-0.35: 1e-6 is a few float32 ulps of them (relative ~4e-6)
     assert results[name] <= 1e-6, f"{name}: max |FSDP2 - single process| = {results[name]:.2e}"
+
+
+def test_compile_true_on_fsdp2_steps_eagerly_and_says_why(results):
+    reason, caught, diff = results["compile"]
+    assert "FSDP2 (DTensor) parameters" in reason
+    assert len(caught) == 1 and "runs eagerly" in caught[0]  # warned once, no failed compilation attempted
+    assert diff == 0.0  # the eager chain's step exactly
 
 
 def test_state_bytes_count_this_ranks_shards(results):
