@@ -4,15 +4,13 @@ Each rank trains a small MLP on its own batches with tiny buckets (several bucke
 rank 0 collects both ranks' parameters and the hook's counters, and the tests read them."""
 
 import io
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from two_ranks import run_on_two_ranks
 
 from trainlab.distributed import register_compression_hook
 
@@ -77,31 +75,19 @@ SCENARIOS = {
 }
 
 
-def _worker(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        results = {"plain": _params(_train(rank, STEPS)[0])}
-        for name, hook in SCENARIOS.items():
-            ddp, _, hs = _train(rank, STEPS, hook)
-            results[name] = _params(ddp)
-            results[name + ".bytes"] = torch.tensor([hs.bytes_sent, hs.dense_bytes])
-        results["checkpoint"] = _checkpoint_roundtrip(rank, SCENARIOS["topk-ef21"])
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _compute(rank, tmp):
+    results = {"plain": _params(_train(rank, STEPS)[0])}
+    for name, hook in SCENARIOS.items():
+        ddp, _, hs = _train(rank, STEPS, hook)
+        results[name] = _params(ddp)
+        results[name + ".bytes"] = torch.tensor([hs.bytes_sent, hs.dense_bytes])
+    results["checkpoint"] = _checkpoint_roundtrip(rank, SCENARIOS["topk-ef21"])
+    return results
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.pt")
-        import torch._dynamo  # noqa: F401  (DDP imports it on construction: once here, not in each child)
-
-        # fork, not spawn: the children inherit the imported torch instead of importing it again (seconds each).
-        mp.start_processes(_worker, args=(os.path.join(tmp, "store"), out), nprocs=2, start_method="fork")
-        return torch.load(out, weights_only=True)
+    return run_on_two_ranks(_compute)
 
 
 def _numel():

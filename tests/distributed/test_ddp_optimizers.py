@@ -3,15 +3,11 @@ averages the two ranks' gradients the way DDP does (each halved, then summed: ex
 
 AdaHessian is left out: it needs a closure with a double backward, which DDP does not support."""
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from two_ranks import run_on_two_ranks
 
 from trainlab import optim
 
@@ -48,33 +44,22 @@ def _reference(name):
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def _worker(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        results = {}
-        for name in NAMES:
-            ddp = DDP(_model())
-            opt = optim.create(name, ddp.parameters())
-            for step in range(STEPS):
-                opt.zero_grad()
-                _loss(ddp, _batch(rank, step)).backward()
-                opt.step()
-            results[name] = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _compute(rank, tmp):
+    results = {}
+    for name in NAMES:
+        ddp = DDP(_model())
+        opt = optim.create(name, ddp.parameters())
+        for step in range(STEPS):
+            opt.zero_grad()
+            _loss(ddp, _batch(rank, step)).backward()
+            opt.step()
+        results[name] = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])
+    return results
 
 
 @pytest.fixture(scope="module")
 def results():
-    import torch._dynamo  # noqa: F401  (DDP imports it on construction: once here, not in each child)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.pt")
-        mp.start_processes(_worker, args=(os.path.join(tmp, "store"), out), nprocs=2, start_method="fork")
-        return torch.load(out, weights_only=True)
+    return run_on_two_ranks(_compute)
 
 
 @pytest.mark.parametrize("name", NAMES)

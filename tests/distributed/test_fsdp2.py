@@ -8,14 +8,13 @@ equal singular values), which says nothing about sharding. mkor reads layer stat
 compared on the concatenated batches. Collectives per step are counted with CommDebugMode."""
 
 import os
-import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from two_ranks import run_on_two_ranks
 
 from trainlab import optim
 
@@ -190,45 +189,34 @@ def _compiled_on_fsdp2(rank):
     return opt.compile_fallback.get("default", ""), [str(w.message) for w in caught], diff
 
 
-def _worker(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        results = {}
-        for name in RUNS + tuple(STATEFUL):
-            ref, ref_opt = _train(name, _model(), averaged=name in AVERAGED)
-            sharded, opt = _train(name, _sharded(), rank)
-            results[name] = max(
-                float((p.full_tensor() - q).detach().abs().max())
-                for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
-            )
-            if name in STATEFUL:  # summed over ranks vs one process + each extra rank's replicated state
-                total = torch.tensor(float(optim.state_bytes(opt)))
-                dist.all_reduce(total)
-                expected = optim.state_bytes(ref_opt) + _replicated_bytes(opt)
-                results[f"state bytes {name}"] = (float(total), float(expected))
-        results["state bytes"] = _state_bytes(rank)
-        results["compile"] = _compiled_on_fsdp2(rank)
-        results["collectives"] = {
-            name: _collectives_per_step(name, rank) for name in ("adamw", "muon", "orthograd", "stable-spam")
-        }
-        results["stateful collectives"] = {name: _collectives_per_step(name, rank, 3) for name in STATEFUL}
-        for name in ("adamw", "muon", "stable-spam", *STATEFUL):
-            results[f"dcp {name}"] = _dcp_resume(name, rank, os.path.join(os.path.dirname(out), f"dcp-{name}"))
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _compute(rank, tmp):
+    results = {}
+    for name in RUNS + tuple(STATEFUL):
+        ref, ref_opt = _train(name, _model(), averaged=name in AVERAGED)
+        sharded, opt = _train(name, _sharded(), rank)
+        results[name] = max(
+            float((p.full_tensor() - q).detach().abs().max())
+            for p, q in zip(sharded.parameters(), ref.parameters(), strict=True)
+        )
+        if name in STATEFUL:  # summed over ranks vs one process + each extra rank's replicated state
+            total = torch.tensor(float(optim.state_bytes(opt)))
+            dist.all_reduce(total)
+            expected = optim.state_bytes(ref_opt) + _replicated_bytes(opt)
+            results[f"state bytes {name}"] = (float(total), float(expected))
+    results["state bytes"] = _state_bytes(rank)
+    results["compile"] = _compiled_on_fsdp2(rank)
+    results["collectives"] = {
+        name: _collectives_per_step(name, rank) for name in ("adamw", "muon", "orthograd", "stable-spam")
+    }
+    results["stateful collectives"] = {name: _collectives_per_step(name, rank, 3) for name in STATEFUL}
+    for name in ("adamw", "muon", "stable-spam", *STATEFUL):
+        results[f"dcp {name}"] = _dcp_resume(name, rank, os.path.join(tmp, f"dcp-{name}"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def results():
-    import torch._dynamo  # noqa: F401  (imported on first use by FSDP: once here, not in each child)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.pt")
-        mp.start_processes(_worker, args=(os.path.join(tmp, "store"), out), nprocs=2, start_method="fork")
-        return torch.load(out, weights_only=True)
+    return run_on_two_ranks(_compute)
 
 
 @pytest.mark.parametrize("name", RUNS + tuple(STATEFUL))
