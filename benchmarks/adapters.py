@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import peft
 import torch
-from report import publish  # benchmarks/report.py (the script directory is on sys.path)
+from report import interleaved_medians, publish  # benchmarks/report.py (the script directory is on sys.path)
 from torch import nn
 
 import trainlab.adapters as adapters
@@ -121,18 +119,13 @@ def run(method: str, width: int, batch: int, steps: int, repeats: int, dtype: to
         train_gap = (ours(x) - theirs(x)).abs().max().item()
     if repeats == 0:
         return init_gap, train_gap
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    for _ in range(repeats):
-        for key in times:
-            t = time.perf_counter()
-            step(key)
-            times[key].append(time.perf_counter() - t)
+    times = interleaved_medians({key: lambda key=key: step(key) for key in opts}, 0, repeats)
     memory = {k: saved_bytes(lambda m=m: (m(x) - y).pow(2).mean()) for k, (m, _) in opts.items()}
     return (
         init_gap,
         train_gap,
-        1e3 * statistics.median(times["ours"]),
-        1e3 * statistics.median(times["theirs"]),
+        1e3 * times["ours"],
+        1e3 * times["theirs"],
         memory["ours"] / 2**20,
         memory["theirs"] / 2**20,
     )

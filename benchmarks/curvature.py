@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from report import publish  # benchmarks/report.py (the script directory is on sys.path)
+from report import interleaved_medians, publish  # benchmarks/report.py (the script directory is on sys.path)
 from torch import nn
 
 from trainlab.curvature import hvp, twice_differentiable
@@ -35,21 +33,6 @@ from trainlab.runtime import batch_generator
 
 WORKLOADS = ("digits-mlp", "pylm")
 ALGORITHMS = ("adamw", "sgd", "adahessian", "mfac", "mkor")
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in turn (a, b, c, a, b, c, ...) so that a load change on a
-    shared machine hits every contender alike and the ratios stay fair."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def setup(workload_name: str) -> tuple[nn.Module, Callable[[], torch.Tensor], object]:

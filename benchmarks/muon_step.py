@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from report import publish  # benchmarks/report.py
+from report import interleaved_medians, publish  # benchmarks/report.py
 from torch import nn
 
 from trainlab.optim import create
@@ -140,13 +140,7 @@ def ns_table(repeats: int) -> list[str]:
                 "eager": lambda g=g, dtype=dtype: newton_schulz(g, dtype=dtype),
                 "compiled": lambda g=g, dtype=dtype: newton_schulz(g, dtype=dtype, compile=True),
             }
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for _ in range(repeats):
-                for k, fn in fns.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = interleaved_medians(fns, 0, repeats)
             row = f"| {' x '.join(map(str, shape))} | {str(dtype).removeprefix('torch.')} | {med['eager'] * 1e3:.1f}"
             lines.append(f"{row} | {med['compiled'] / med['eager']:.2f} |")
     return [*lines, ""]

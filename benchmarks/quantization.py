@@ -20,10 +20,9 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
-from report import publish  # benchmarks/report.py (the script directory is on sys.path)
+from report import interleaved_medians, publish  # benchmarks/report.py (the script directory is on sys.path)
 
 from trainlab.compress.bits import pack_codes, unpack_codes
 from trainlab.compress.quant.gptq import quantize_gptq
@@ -32,19 +31,6 @@ from trainlab.compress.quant.gwq import quantize_gwq
 from trainlab.compress.quant.nupes import quantize_nupes
 from trainlab.compress.quant.ptqtp import quantize_ptqtp
 from trainlab.compress.quant.vptq import quantize_vptq, settings_for_bits
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def weight_and_hessian() -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from report import publish  # benchmarks/report.py
+from report import interleaved_medians, publish  # benchmarks/report.py
 from torch import nn
 from torch.nn import functional as F
 
@@ -150,18 +148,6 @@ def variants(model: nn.Module, bits: int, with_torchao: bool) -> tuple[dict[str,
         else:
             out["torchao int4 (bf16 model)"] = ao
     return out, notes
-
-
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def minilm() -> tuple[nn.Module, int]:
@@ -287,7 +273,7 @@ def main() -> None:
                     k: lambda m=m, ids=ids, mask=mask: m(input_ids=ids, attention_mask=mask) for k, m in models.items()
                 }
                 cos = min_cosine({k: fn().last_hidden_state for k, fn in calls.items()})
-                times = timed(calls, args.repeats)
+                times = interleaved_medians(calls, 1, args.repeats)
                 if args.profile and batch == 1 and bits == 4:
                     kernel = next(k for k in calls if k.startswith("kernel ("))
                     profiles = {k: profile_shares(calls[k]) for k in ("float32", kernel)}
@@ -305,7 +291,7 @@ def main() -> None:
         print(f"pylm {bits}-bit generation", file=sys.stderr, flush=True)
         with torch.inference_mode():
             calls = {k: lambda m=m, prompt=prompt: generate(m, prompt, args.new) for k, m in models.items()}
-            times = timed(calls, max(3, args.repeats // 3))
+            times = interleaved_medians(calls, 1, max(3, args.repeats // 3))
         lines += table(f"pylm generation, {bits}-bit, batch 1", "bytes/s", args.new, times, models)
     publish("\n".join(lines), args.out)
 

@@ -17,13 +17,10 @@ which CSR is faster than dense for every shape at that batch.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
-from report import publish  # benchmarks/report.py
+from report import interleaved_medians, publish  # benchmarks/report.py
 from torch.nn import functional as F
 
 SHAPES = {
@@ -38,18 +35,6 @@ SHAPES = {
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 BATCHES = (1, 32)
 BLOCK = 16
-
-
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def weights(shape: tuple[int, int], sparsity: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +86,7 @@ def main() -> None:
                     "csr": lambda c=csr, x=x: (c @ x.T).T,
                     "bsr": lambda b=bsr, x=x: (b @ x.T).T,
                 }
-                t = timed(fns, args.repeats)
+                t = interleaved_medians(fns, 1, args.repeats)
                 dense_us = dense_us or t["dense"] * 1e6
                 cells += [f"{t['csr'] / t['dense']:.2f}", f"{t['bsr'] / t['dense']:.2f}"]
                 wins.setdefault((batch, s), []).append(t["csr"] < t["dense"])
