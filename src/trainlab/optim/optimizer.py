@@ -18,7 +18,7 @@ from torch import Tensor
 from trainlab.optim.checks import LR, Check
 from trainlab.optim.compiled import CompiledChain, CompileFailed, compile_default
 from trainlab.optim.routing import Rule
-from trainlab.optim.sharding import is_sharded
+from trainlab.optim.sharding import dtensor_class
 from trainlab.optim.transform import GradientTransform, has_apply, is_step_counter
 
 # Group keys that are not hyperparameters: what torch.optim and LR schedulers put in a group.
@@ -263,7 +263,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p].update(chain.init(_real(p), group))
             runner = self._runner(group["chain"]) if getattr(self, "compiled", False) else None
-            if runner is not None and any(map(is_sharded, params)):  # known now: no compile attempt to fail
+            # FSDP2 parameters are known now: no compile attempt to fail (one check when no process group is up)
+            if runner is not None and (dtensor := dtensor_class()) and any(isinstance(p, dtensor) for p in params):
                 self._give_up(group["chain"], "FSDP2 (DTensor) parameters: the compiled kernels take plain tensors")
                 runner = None
             if runner is not None and runner.head and chain.per_parameter and params[0].device.type == "cpu":
