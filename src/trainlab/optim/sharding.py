@@ -179,9 +179,12 @@ def reduce_partials(partials: list[Tensor], refs: list[Tensor], op: str = "sum")
     """Per-tensor results over this rank's shards (0-dim, one per tensor of ``refs``) combined over the ranks
     that shard each tensor (``op`` "sum" or "max"), with one all-reduce per layout instead of one per tensor;
     the results of plain tensors are returned unchanged."""
+    dtensor = dtensor_class()
+    if dtensor is None:
+        return partials
     groups: dict[tuple, list[int]] = {}
     for i, ref in enumerate(refs):
-        if is_sharded(ref):
+        if isinstance(ref, dtensor):
             groups.setdefault((ref.device_mesh, tuple(ref.placements)), []).append(i)
     if not groups:
         return partials
@@ -199,3 +202,14 @@ def reduce_partials(partials: list[Tensor], refs: list[Tensor], op: str = "sum")
         for i, value in zip(idx, stacked.unbind(), strict=True):
             out[i] = value
     return out
+
+
+def local_shards(tensors: list[Tensor]) -> list[Tensor]:
+    """This rank's shard of each tensor; the list itself when no process group is up (the one-process path
+    pays one check, not one per tensor)."""
+    return tensors if dtensor_class() is None else [local(t) for t in tensors]
+
+
+def like_each(shards: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
+    """`like` over lists: each shard as a DTensor laid out as its ref; ``shards`` itself without a process group."""
+    return shards if dtensor_class() is None else [like(s, r) for s, r in zip(shards, refs, strict=True)]

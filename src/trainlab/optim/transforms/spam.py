@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainlab.optim.sharding import is_sharded, like, local, reduce_partials
+from trainlab.optim.sharding import dtensor_class, like_each, local_shards, reduce_partials
 from trainlab.optim.transform import (
     GradientTransform,
     Scratch,
@@ -226,7 +226,7 @@ class ClipSpikesAdaptive(GradientTransform):
         gamma3 = group["gamma3"]
         steps = step_counts(state)
         grads = updates
-        updates = [local(g) for g in grads]  # FSDP2: this rank's shards, with the peaks of the whole tensors
+        updates = local_shards(grads)  # FSDP2: this rank's shards, with the peaks of the whole tensors
         peaks = reduce_partials(max_abs(updates), grads, "max")
         torch._foreach_lerp_(state["max_abs_avg"], peaks, 1 - gamma3)
         limits = torch._foreach_div(state["max_abs_avg"], [1 - gamma3**k for k in steps])
@@ -245,7 +245,7 @@ class ClipSpikesAdaptive(GradientTransform):
             torch.mul(g, lim / peak, out=out)
             clipped.append(torch.where(spikes, out, g, out=out))
         owned = isinstance(grads, Scratch) or all(c is not g for c, g in zip(clipped, updates, strict=True))
-        clipped = [like(c, g) for c, g in zip(clipped, grads, strict=True)]
+        clipped = like_each(clipped, grads)
         return (Scratch(clipped) if owned else clipped), state
 
     compile_refusal = ""
@@ -297,9 +297,10 @@ class NormalizeGradientNorm(GradientTransform):
         gamma1, gamma2 = group["gamma1"], group["gamma2"]
         steps = step_counts(state)
         grads = updates
-        updates = [local(g) for g in grads]  # FSDP2: this rank's shards; ‖g‖² sums over the ranks' shards
+        updates = local_shards(grads)  # FSDP2: this rank's shards; ‖g‖² sums over the ranks' shards
         norms = list(torch._foreach_norm(updates))
-        sharded = [i for i, g in enumerate(grads) if is_sharded(g)]
+        dtensor = dtensor_class()
+        sharded = [] if dtensor is None else [i for i, g in enumerate(grads) if isinstance(g, dtensor)]
         squares = reduce_partials([norms[i] * norms[i] for i in sharded], [grads[i] for i in sharded])
         for i, square in zip(sharded, squares, strict=True):
             norms[i] = square.sqrt()
@@ -317,7 +318,7 @@ class NormalizeGradientNorm(GradientTransform):
             torch._foreach_mul_(updates, factors)
             return grads, state
         scaled = torch._foreach_mul(updates, factors)
-        return Scratch([like(u, g) for u, g in zip(scaled, grads, strict=True)]), state
+        return Scratch(like_each(scaled, grads)), state
 
     compile_refusal = ""
     n_scalars = 5
